@@ -1,0 +1,185 @@
+"""Client side, written once: channels (TLS, bearer token, message size) and the one retry policy.
+
+Retry policy: calls that fail with UNAVAILABLE (server restarting, still loading) or RESOURCE_EXHAUSTED
+(queue full) are retried with exponential backoff and jitter until ``retry_timeout`` seconds have passed;
+every attempt has its own deadline. Other codes are the caller's to handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+from rlhf.core.server import client_options
+
+log = logging.getLogger("rlhf.client")
+T = TypeVar("T")
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with full jitter on retryable codes, bounded by total time."""
+
+    retry_timeout: float = 60.0  # seconds of retrying before giving up (0 = no retries)
+    initial_backoff: float = 0.2
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    retryable: frozenset = RETRYABLE
+
+    def backoffs(self):
+        delay = self.initial_backoff
+        while True:
+            yield random.uniform(0, delay)
+            delay = min(self.max_backoff, delay * self.multiplier)
+
+
+def _token_interceptors(token: str | None, aio: bool):
+    if not token:
+        return []
+    md = (("authorization", f"Bearer {token}"),)
+
+    if aio:
+
+        class AioTokenInterceptor(
+            grpc.aio.UnaryUnaryClientInterceptor,
+            grpc.aio.UnaryStreamClientInterceptor,
+            grpc.aio.StreamUnaryClientInterceptor,
+        ):
+            def _details(self, d):
+                return d._replace(metadata=tuple(d.metadata or ()) + md)
+
+            async def intercept_unary_unary(self, continuation, d, request):
+                return await continuation(self._details(d), request)
+
+            async def intercept_unary_stream(self, continuation, d, request):
+                return await continuation(self._details(d), request)
+
+            async def intercept_stream_unary(self, continuation, d, request_iterator):
+                return await continuation(self._details(d), request_iterator)
+
+        return [AioTokenInterceptor()]
+
+    class TokenInterceptor(
+        grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor, grpc.StreamUnaryClientInterceptor
+    ):
+        def _details(self, d):
+            return _Details(
+                d.method, d.timeout, tuple(d.metadata or ()) + md, d.credentials, d.wait_for_ready
+            )
+
+        def intercept_unary_unary(self, continuation, d, request):
+            return continuation(self._details(d), request)
+
+        def intercept_unary_stream(self, continuation, d, request):
+            return continuation(self._details(d), request)
+
+        def intercept_stream_unary(self, continuation, d, request_iterator):
+            return continuation(self._details(d), request_iterator)
+
+    return [TokenInterceptor()]
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready):
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready = credentials, wait_for_ready
+
+
+def _credentials(tls_ca_file: str | None, tls: bool) -> grpc.ChannelCredentials | None:
+    if not (tls or tls_ca_file):
+        return None
+    root = Path(tls_ca_file).read_bytes() if tls_ca_file else None
+    return grpc.ssl_channel_credentials(root_certificates=root)
+
+
+def make_channel(
+    target: str,
+    *,
+    token: str | None = None,
+    tls: bool = False,
+    tls_ca_file: str | None = None,
+    max_message_mb: int = 64,
+    aio: bool = False,
+):
+    """A channel to ``target`` (host:port) with the bearer token attached to every call."""
+    options = client_options(max_message_mb)
+    creds = _credentials(tls_ca_file, tls)
+    interceptors = _token_interceptors(token, aio)
+    if aio:
+        if creds:
+            return grpc.aio.secure_channel(target, creds, options=options, interceptors=interceptors)
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    channel = (
+        grpc.secure_channel(target, creds, options=options)
+        if creds
+        else grpc.insecure_channel(target, options=options)
+    )
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
+
+
+def call_with_retry(fn: Callable[[], T], policy: RetryPolicy | None = None, what: str = "call") -> T:
+    """Run ``fn`` (a blocking gRPC call) and retry it on retryable codes per ``policy``."""
+    policy = policy or RetryPolicy()
+    start = time.monotonic()
+    backoffs = policy.backoffs()
+    while True:
+        try:
+            return fn()
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            elapsed = time.monotonic() - start
+            if code not in policy.retryable or elapsed >= policy.retry_timeout:
+                raise
+            delay = min(next(backoffs), max(0.0, policy.retry_timeout - elapsed))
+            log.warning("%s failed with %s (%s); retrying in %.2fs", what, code.name, exc.details(), delay)
+            time.sleep(delay)
+
+
+async def acall_with_retry(
+    fn: Callable[[], Awaitable[T]], policy: RetryPolicy | None = None, what: str = "call"
+) -> T:
+    """Async variant of :func:`call_with_retry`."""
+    policy = policy or RetryPolicy()
+    start = time.monotonic()
+    backoffs = policy.backoffs()
+    while True:
+        try:
+            return await fn()
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            elapsed = time.monotonic() - start
+            if code not in policy.retryable or elapsed >= policy.retry_timeout:
+                raise
+            delay = min(next(backoffs), max(0.0, policy.retry_timeout - elapsed))
+            log.warning("%s failed with %s (%s); retrying in %.2fs", what, code.name, exc.details(), delay)
+            await asyncio.sleep(delay)
+
+
+def wait_for_serving(
+    target: str, timeout: float = 120.0, service: str = "", token: str | None = None
+) -> None:
+    """Block until the standard health service at ``target`` reports SERVING (raises TimeoutError)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with make_channel(target, token=token) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+                if status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{target} not SERVING after {timeout:.0f}s")
+            time.sleep(0.1)

@@ -1,0 +1,334 @@
+"""One server bootstrap for every rlhf service.
+
+``run_server`` builds a grpc.aio server with:
+- the standard health service (NOT_SERVING while the ``load`` hook runs, SERVING after, NOT_SERVING on shutdown)
+  and server reflection;
+- interceptors: bearer-token auth (every RPC except health), a readiness gate (UNAVAILABLE while loading),
+  per-RPC Prometheus metrics, and translation of :class:`rlhf.core.errors.ServiceError` into statuses;
+- a Prometheus ``/metrics`` HTTP endpoint;
+- message-size and concurrency limits, optional TLS;
+- graceful shutdown on SIGTERM/SIGINT: stop accepting calls, let in-flight calls finish within
+  ``grace_seconds``, run the ``on_shutdown`` hook, return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from rlhf.core.config import ServerConfig
+from rlhf.core.errors import ServiceError
+from rlhf.core.logs import log_fields, setup_logging
+
+log = logging.getLogger("rlhf.server")
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+
+# Latency buckets from 1 ms to ~5 min: covers a health check as well as a long generation batch.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+RPC_REQUESTS = Counter(
+    "rlhf_grpc_server_requests",
+    "gRPC calls handled, by method and status code.",
+    ["service", "method", "code"],
+)
+RPC_LATENCY = Histogram(
+    "rlhf_grpc_server_request_duration_seconds",
+    "gRPC call latency from receipt to the last response message, by method and status code.",
+    ["service", "method", "code"],
+    buckets=LATENCY_BUCKETS,
+)
+RPC_IN_FLIGHT = Gauge("rlhf_grpc_server_in_flight_requests", "gRPC calls in progress.", ["service", "method"])
+SERVER_READY = Gauge("rlhf_server_ready", "1 when the server reports SERVING, else 0.", ["service"])
+
+
+@dataclass
+class ServiceDef:
+    """A servicer to mount: its full proto name and the generated ``add_XServicer_to_server`` function."""
+
+    name: str  # e.g. "rlhf.v1.RewardService"
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+def _split_method(full_method: str) -> tuple[str, str]:
+    _, service, method = full_method.split("/")
+    return service, method
+
+
+def _read_tokens(config: ServerConfig) -> set[str]:
+    tokens = set()
+    if config.auth_token:
+        tokens.add(config.auth_token.strip())
+    if config.auth_token_file:
+        text = Path(config.auth_token_file).read_text()
+        tokens.update(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return tokens
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
+    """Rebuild ``handler`` with its behaviour wrapped; unary responses via wrap_unary, streams via wrap_stream."""
+    kw = dict(
+        request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kw)
+    return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kw)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """Auth, readiness gate, error translation and metrics for every RPC, in that order."""
+
+    def __init__(self, tokens: set[str], ready: asyncio.Event):
+        self._tokens = tokens
+        self._ready = ready
+
+    def _check_auth(self, method: str, metadata) -> str | None:
+        if not self._tokens or method.startswith(f"/{HEALTH_SERVICE}/"):
+            return None
+        header = dict(metadata or ()).get("authorization", "")
+        if not header.lower().startswith("bearer "):
+            return "missing 'authorization: Bearer <token>' metadata"
+        token = header[7:].strip()
+        if not any(hmac.compare_digest(token, t) for t in self._tokens):
+            return "invalid bearer token"
+        return None
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        service, name = _split_method(method)
+        auth_error = self._check_auth(method, handler_call_details.invocation_metadata)
+        gated = not (method.startswith(f"/{HEALTH_SERVICE}/") or method.startswith(REFLECTION_PREFIXES))
+        ready = self._ready
+
+        async def guard(context) -> None:
+            if auth_error:
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, auth_error)
+            if gated and not ready.is_set():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is loading; retry shortly")
+
+        def finish(context, start: float, code: grpc.StatusCode | None) -> None:
+            code_name = (code or context.code() or grpc.StatusCode.OK).name
+            RPC_REQUESTS.labels(service, name, code_name).inc()
+            RPC_LATENCY.labels(service, name, code_name).observe(time.perf_counter() - start)
+            RPC_IN_FLIGHT.labels(service, name).dec()
+
+        async def translate(exc: ServiceError, context) -> None:
+            await context.abort(exc.code, exc.message)
+
+        def wrap_unary(behavior):
+            async def wrapper(request, context):
+                start = time.perf_counter()
+                RPC_IN_FLIGHT.labels(service, name).inc()
+                code = None
+                try:
+                    await guard(context)
+                    try:
+                        return await behavior(request, context)
+                    except ServiceError as exc:
+                        code = exc.code
+                        await translate(exc, context)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:
+                    if not isinstance(exc, grpc.aio.AbortError):
+                        code = grpc.StatusCode.INTERNAL
+                        log.exception("unhandled error in %s", method)
+                        await context.abort(
+                            grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+                        )
+                    raise
+                finally:
+                    finish(context, start, code)
+
+            return wrapper
+
+        def wrap_stream(behavior):
+            async def wrapper(request, context):
+                start = time.perf_counter()
+                RPC_IN_FLIGHT.labels(service, name).inc()
+                code = None
+                try:
+                    await guard(context)
+                    try:
+                        async for response in behavior(request, context):
+                            yield response
+                    except ServiceError as exc:
+                        code = exc.code
+                        await translate(exc, context)
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                except Exception as exc:
+                    if not isinstance(exc, grpc.aio.AbortError):
+                        code = grpc.StatusCode.INTERNAL
+                        log.exception("unhandled error in %s", method)
+                        await context.abort(
+                            grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+                        )
+                    raise
+                finally:
+                    finish(context, start, code)
+
+            return wrapper
+
+        return _wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    size = config.max_message_mb * 1024 * 1024
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def client_options(max_message_mb: int = 64) -> list[tuple[str, Any]]:
+    size = max_message_mb * 1024 * 1024
+    return [("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+
+
+class ServerHandle:
+    """What a running server exposes to its hooks: the bound ports, health, and a way to stop it."""
+
+    def __init__(self, config: ServerConfig, service_names: Sequence[str]):
+        self.config = config
+        self.service_names = list(service_names)
+        self.port: int = 0
+        self.metrics_port: int = -1
+        self.ready = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+        self.health = health_aio.HealthServicer()
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.service_names]:
+            await self.health.set(name, status)
+        for name in self.service_names:
+            SERVER_READY.labels(name).set(1 if serving else 0)
+        if serving:
+            self.ready.set()
+        else:
+            self.ready.clear()
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
+
+
+async def run_server(
+    config: ServerConfig,
+    services: Sequence[ServiceDef],
+    *,
+    load: Callable[[ServerHandle], Awaitable[None]] | None = None,
+    on_shutdown: Callable[[ServerHandle], Awaitable[None]] | None = None,
+    install_signal_handlers: bool = True,
+    handle: ServerHandle | None = None,
+) -> ServerHandle:
+    """Serve ``services`` until SIGTERM/SIGINT (or ``handle.request_stop()``), then drain and return."""
+    setup_logging(config.log_level, config.log_format)
+    if "torch" in sys.modules:  # services that compute with torch import it before serving
+        sys.modules["torch"].set_num_threads(config.torch_threads)
+    names = [s.name for s in services]
+    handle = handle or ServerHandle(config, names)
+    tokens = _read_tokens(config)
+
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(tokens, handle.ready)],
+        options=server_options(config),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    for s in services:
+        s.add_to_server(s.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(handle.health, server)
+    reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert_file and config.tls_key_file:
+        creds = grpc.ssl_server_credentials(
+            [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())]
+        )
+        handle.port = server.add_secure_port(address, creds)
+    else:
+        handle.port = server.add_insecure_port(address)
+    if config.metrics_port >= 0:
+        http_server, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
+        handle.metrics_port = http_server.server_port
+    await handle.set_serving(False)
+    await server.start()
+    if config.port_file:
+        _write_port_file(config.port_file, handle)
+    log.info(
+        "listening",
+        extra=log_fields(
+            services=names, port=handle.port, metrics_port=handle.metrics_port, tls=bool(config.tls_cert_file)
+        ),
+    )
+    log.info("gRPC on port %d, metrics on port %d; loading", handle.port, handle.metrics_port)
+
+    loop = asyncio.get_running_loop()
+    if install_signal_handlers:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, handle.request_stop)
+
+    load_task = asyncio.ensure_future(load(handle)) if load else None
+    stop_task = asyncio.ensure_future(handle.stop_requested.wait())
+    try:
+        if load_task:
+            done, _ = await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if load_task in done:
+                load_task.result()  # raise a load failure
+        if not handle.stop_requested.is_set():
+            await handle.set_serving(True)
+            log.info("SERVING on port %d", handle.port)
+            await stop_task
+    finally:
+        log.info("shutting down: draining in-flight calls for up to %.1fs", config.grace_seconds)
+        await handle.set_serving(False)
+        if load_task and not load_task.done():
+            load_task.cancel()
+        await server.stop(config.grace_seconds)
+        if on_shutdown:
+            await on_shutdown(handle)
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        log.info("stopped")
+    return handle
+
+
+def _write_port_file(path: str, handle: ServerHandle) -> None:
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"port": handle.port, "metrics_port": handle.metrics_port, "pid": os.getpid()}))
+    tmp.replace(path)  # atomic: readers never see a half-written file
+
+
+def serve_forever(config: ServerConfig, services: Sequence[ServiceDef], **kwargs) -> None:
+    """Blocking entry point for ``rlhf serve ...``: run the server in a fresh event loop."""
+    asyncio.run(run_server(config, services, **kwargs))
