@@ -24,9 +24,9 @@ def machine_info() -> dict:
                 info["cpu_model"] = line.split(":", 1)[1].strip()
                 break
         mem_kb = next(
-            int(l.split()[1])
-            for l in Path("/proc/meminfo").read_text().splitlines()
-            if l.startswith("MemTotal")
+            int(ln.split()[1])
+            for ln in Path("/proc/meminfo").read_text().splitlines()
+            if ln.startswith("MemTotal")
         )
         info["mem_gib"] = round(mem_kb / 2**20, 1)
     except (OSError, StopIteration):
