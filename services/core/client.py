@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+
 from rlhf.core.server import client_options
 
 log = logging.getLogger("rlhf.client")

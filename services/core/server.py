@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
 from rlhf.core.config import ServerConfig
 from rlhf.core.errors import ServiceError
 from rlhf.core.logs import log_fields, setup_logging

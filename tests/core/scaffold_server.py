@@ -9,6 +9,7 @@ import asyncio
 from pathlib import Path
 
 from pydantic import Field
+
 from rlhf.core.config import ServerConfig, add_config_arguments, config_from_args
 from rlhf.core.errors import require
 from rlhf.core.server import ServiceDef, serve_forever

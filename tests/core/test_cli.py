@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+
 from rlhf.cli import COMMANDS, _load, main
 
 

@@ -2,6 +2,7 @@ import argparse
 
 import pytest
 from pydantic import Field, ValidationError
+
 from rlhf.core.config import ServerConfig, add_config_arguments, config_from_args, load_config
 
 

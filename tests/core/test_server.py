@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
 from rlhf.core.client import make_channel
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
