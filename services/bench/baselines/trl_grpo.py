@@ -1,0 +1,93 @@
+"""TRL GRPOTrainer baseline: time per optimizer step at the benchmark's settings. Runs in its own venv.
+
+usage: python trl_grpo.py MODEL_DIR RM_DIR PROMPTS_JSON OUT_JSON --steps N --threads T
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir")
+    p.add_argument("rm_dir")
+    p.add_argument("prompts_json")
+    p.add_argument("out_json")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompts-per-step", type=int, default=4)
+    p.add_argument("--generations", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    import trl
+    from _timing import StepTimer
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    prompts = json.loads(Path(a.prompts_json).read_text())
+    ds = Dataset.from_list([{"prompt": [{"role": "user", "content": t}]} for t in prompts])
+    tok = AutoTokenizer.from_pretrained(a.model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
+    rm = AutoModelForSequenceClassification.from_pretrained(a.rm_dir, num_labels=1, dtype=torch.float32)
+    rm_tok = AutoTokenizer.from_pretrained(a.rm_dir)
+    if rm_tok.pad_token is None:
+        rm_tok.pad_token = rm_tok.eos_token
+    rm.config.pad_token_id = rm_tok.pad_token_id
+    batch = a.prompts_per_step * a.generations
+    with tempfile.TemporaryDirectory() as out:
+        cfg = GRPOConfig(
+            output_dir=out,
+            per_device_train_batch_size=batch,
+            num_generations=a.generations,
+            max_completion_length=a.max_new_tokens,
+            temperature=a.temperature,
+            beta=0.0,
+            max_steps=a.steps,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            bf16=False,
+            learning_rate=1e-6,
+            dataloader_num_workers=0,
+        )
+        timer = StepTimer()
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=rm,
+            reward_processing_classes=rm_tok,
+            args=cfg,
+            train_dataset=ds,
+            processing_class=tok,
+            callbacks=[timer],
+        )
+        start = time.perf_counter()
+        trainer.train()
+        total = time.perf_counter() - start
+    Path(a.out_json).write_text(
+        json.dumps(
+            {
+                "trainer": "GRPOTrainer",
+                "trl_version": trl.__version__,
+                "step_seconds": timer.step_seconds,
+                "total_seconds": total,
+                "rollouts_per_step": batch,
+                "torch_threads": a.threads,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""TRL 0.11.4 PPOv2Trainer baseline (the last TRL with a PPO trainer): time per PPO iteration. Runs in its own venv.
+
+Policy, reference, reward and value models all load from the same checkpoint, 1 PPO epoch, 1 minibatch.
+usage: python trl_ppov2.py MODEL_DIR RM_DIR PROMPTS_JSON OUT_JSON --iterations N --threads T
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("model_dir")
+    p.add_argument("rm_dir")
+    p.add_argument("prompts_json")
+    p.add_argument("out_json")
+    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rollouts", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    import trl
+    from _timing import StepTimer
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl import PPOv2Config, PPOv2Trainer
+
+    prompts = json.loads(Path(a.prompts_json).read_text())
+    tok = AutoTokenizer.from_pretrained(a.model_dir, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    rows = [
+        {"input_ids": tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)}
+        for t in prompts
+    ]
+    ds = Dataset.from_list(rows)
+    policy = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(
+        a.rm_dir, num_labels=1, torch_dtype=torch.float32
+    )
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        a.rm_dir, num_labels=1, torch_dtype=torch.float32
+    )
+    for m in (value, reward):
+        m.config.pad_token_id = tok.pad_token_id
+    with tempfile.TemporaryDirectory() as out:
+        cfg = PPOv2Config(
+            output_dir=out,
+            per_device_train_batch_size=a.rollouts,
+            gradient_accumulation_steps=1,
+            num_mini_batches=1,
+            num_ppo_epochs=1,
+            total_episodes=a.rollouts * a.iterations,
+            local_rollout_forward_batch_size=a.rollouts,
+            response_length=a.max_new_tokens,
+            temperature=a.temperature,
+            stop_token="eos",
+            num_sample_generations=0,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            learning_rate=1e-6,
+            logging_steps=1,
+        )
+        timer = StepTimer()
+        trainer = PPOv2Trainer(
+            config=cfg,
+            tokenizer=tok,
+            policy=policy,
+            ref_policy=ref,
+            reward_model=reward,
+            value_model=value,
+            train_dataset=ds,
+            callbacks=[timer],
+        )
+        start = time.perf_counter()
+        trainer.train()
+        total = time.perf_counter() - start
+    Path(a.out_json).write_text(
+        json.dumps(
+            {
+                "trainer": "PPOv2Trainer",
+                "trl_version": trl.__version__,
+                "step_seconds": timer.step_seconds,
+                "total_seconds": total,
+                "rollouts_per_step": a.rollouts,
+                "torch_threads": a.threads,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
