@@ -14,8 +14,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -66,15 +68,25 @@ def resolve_model_path(ref: str | os.PathLike | None = None) -> Path:
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
         return path
     target = default_model_dir()
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+    if _conversion_is_current(target):
         return target
     from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock", timeout=600):
-        if not (target / "model.safetensors").exists():
+        if not _conversion_is_current(target):
             _convert_default_model(target)
     return target
+
+
+CONVERSION_VERSION = 2  # bump when the conversion below changes; older caches are converted again
+
+
+def _conversion_is_current(target: Path) -> bool:
+    marker = target / "rlhf_conversion.json"
+    if not (marker.exists() and (target / "model.safetensors").exists()):
+        return False
+    return json.loads(marker.read_text()).get("version") == CONVERSION_VERSION
 
 
 def _gguf_folder() -> Path:
@@ -100,14 +112,29 @@ def _convert_default_model(target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # The GGUF metadata converts to eos = pad = <|im_start|>; the model ends its turns with <|im_end|> (id 2,
+    # as config.eos_token_id says). Padding gets its own token, and no BOS is added to rendered chat text.
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.pad_token = "<|endoftext|>"
+    if hasattr(tokenizer, "add_bos_token"):
+        tokenizer.add_bos_token = False
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = tokenizer.bos_token_id
     tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    (tmp / "rlhf_conversion.json").write_text(
+        json.dumps({"version": CONVERSION_VERSION, "source": GGUF_FILE})
+    )
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
     tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_tokenizer(ref: str | os.PathLike | None = None):
