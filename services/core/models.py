@@ -57,7 +57,7 @@ def default_model_dir() -> Path:
 
 
 def is_default_model(ref: str | os.PathLike | None) -> bool:
-    return ref is None or str(ref) in DEFAULT_ALIASES
+    return ref is None or str(ref).lower() in {a.lower() for a in DEFAULT_ALIASES if a} or str(ref) == ""
 
 
 def resolve_model_path(ref: str | os.PathLike | None = None) -> Path:
