@@ -1,0 +1,157 @@
+"""Configuration of the trainer jobs: one pydantic model per job, loaded from YAML, environment and flags.
+
+``TrainJobConfig`` holds what every job shares (run folder and resume, seed, model, where the data comes from,
+batch sizes and optimizer, step budget, eval/checkpoint cadence, and the job's own TrainerService server via
+:class:`rlhf.core.config.ServerConfig`). ``SFTConfig`` (section ``sft``) and ``RewardModelConfig`` (section
+``reward_model``) add their own fields. The PPO job's config is ``PPOConfig(TrainJobConfig)`` with section
+``ppo``.
+
+Environment: ``RLHF_<FIELD>`` for every job, ``RLHF_SFT_<FIELD>`` / ``RLHF_REWARD_MODEL_<FIELD>`` /
+``RLHF_PPO_<FIELD>`` for one job (see rlhf.core.config for precedence).
+
+Batch sizes are global: ``batch_size`` examples per optimizer step, summed over all data-parallel ranks
+(torchrun), so the same config gives the same optimization on one process or several. Each rank processes
+``batch_size / world_size`` examples per step in micro-batches of at most ``micro_batch_size``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from rlhf.core.config import ServerConfig
+
+
+class TrainJobConfig(ServerConfig):
+    """Settings every trainer job shares."""
+
+    section: ClassVar[str] = "trainer"
+    #: Short name of the job kind, used in run folder names and metric labels.
+    kind: ClassVar[str] = "job"
+
+    # ---- the job's TrainerService server (host, tls, auth ... inherited from ServerConfig) ----
+    port: int = Field(50054, ge=0, le=65535, description="TrainerService gRPC port (0 = pick a free port).")
+    metrics_port: int = Field(
+        9094,
+        ge=-1,
+        le=65535,
+        description="Prometheus /metrics HTTP port (0 = pick a free port, -1 = disabled).",
+    )
+    serve: bool = Field(True, description="Serve rlhf.v1.TrainerService while the job runs (rank 0 only).")
+    grace_seconds: float = Field(
+        2.0, ge=0, description="At the end of the job: seconds in-flight status calls get to finish."
+    )
+
+    # ---- run folder, resume, reproducibility ----
+    run_dir: str = Field(
+        "",
+        description="Folder of this run: checkpoints/, metrics.jsonl, final/ (default: runs/<kind>-<UTC time>).",
+    )
+    resume: bool = Field(
+        False, description="Continue the run in run_dir from its latest checkpoint (fresh start if none)."
+    )
+    seed: int = Field(0, ge=0, description="Seed of model init, data order and sampling.")
+
+    # ---- model ----
+    model: str = Field(
+        "default",
+        description="Starting model: an HF folder, or 'default' for the built-in SmolLM2-135M-Instruct.",
+    )
+    max_length: int = Field(512, ge=8, description="Longest prompt+response in tokens; longer ones are cut.")
+
+    # ---- data: a feedback-store snapshot, or a JSONL file for offline use ----
+    feedback_target: str | None = Field(
+        None, description="host:port of the feedback store (rlhf.v1.FeedbackService)."
+    )
+    feedback_token: str | None = Field(None, description="Bearer token for feedback_target.")
+    feedback_database_url: str | None = Field(
+        None,
+        description="Read the feedback store's database directly (sqlite:///FILE or postgresql://...) instead of feedback_target.",
+    )
+    snapshot: str = Field(
+        "", description="Feedback-store snapshot to train on; its train/eval split is used as is."
+    )
+    data_file: str | None = Field(
+        None,
+        description="JSONL file in the TRL formats (prompt/completion, messages, prompt/chosen/rejected, ratings) instead of the feedback store.",
+    )
+    eval_data_file: str | None = Field(
+        None, description="JSONL eval set; default: eval_fraction of data_file held out."
+    )
+    eval_fraction: float = Field(
+        0.1, ge=0, le=0.9, description="With data_file and no eval_data_file: share of records held out."
+    )
+
+    # ---- optimization ----
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step, over all data-parallel ranks.")
+    micro_batch_size: int = Field(
+        8, ge=1, description="Largest forward/backward batch on one rank (gradient accumulation above it)."
+    )
+    eval_batch_size: int = Field(16, ge=1, description="Examples per forward pass during evaluation.")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 = no clipping).")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "linear", description="Learning-rate schedule after warmup (decays to 0 at the last step)."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps of linear warmup from 0 to learning_rate.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (max_steps wins when set).")
+    max_steps: int = Field(0, ge=0, description="Optimizer steps to run (0 = as many as epochs need).")
+
+    # ---- cadence ----
+    eval_every: int = Field(
+        50, ge=0, description="Evaluate every N steps and at the end (0 = only at the end)."
+    )
+    checkpoint_every: int = Field(
+        100, ge=0, description="Checkpoint every N steps (0 = only on request/stop)."
+    )
+    keep_checkpoints: int = Field(
+        2, ge=1, description="Newest checkpoints kept on disk; older ones are deleted."
+    )
+    progress: bool | None = Field(
+        None, description="Show a progress bar (default: only when stderr is a terminal)."
+    )
+
+    @model_validator(mode="after")
+    def _check_data_source(self):
+        if self.data_file and (self.snapshot or self.feedback_target or self.feedback_database_url):
+            raise ValueError("data_file: give either data_file or a feedback-store snapshot, not both")
+        return self
+
+    def resolved_run_dir(self) -> Path:
+        """run_dir, or a new ``runs/<kind>-<UTC time>`` folder name when it is empty."""
+        if self.run_dir:
+            return Path(self.run_dir)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+        return Path("runs") / f"{self.kind}-{stamp}"
+
+
+class SFTConfig(TrainJobConfig):
+    """Supervised fine-tuning on demonstrations: loss on the response tokens only."""
+
+    section: ClassVar[str] = "sft"
+    kind: ClassVar[str] = "sft"
+
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
+
+
+class RewardModelConfig(TrainJobConfig):
+    """A reward model on comparisons (and ratings turned into comparisons), Bradley–Terry loss."""
+
+    section: ClassVar[str] = "reward_model"
+    kind: ClassVar[str] = "reward_model"
+
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
+    rating_margin: float = Field(
+        0.0,
+        ge=0,
+        description="Two ratings of one prompt become a comparison when their scores (scaled to 0..1) differ by more than this.",
+    )
+    center_rewards_coef: float = Field(
+        0.0, ge=0, description="Weight of the (r_chosen + r_rejected)^2 term that keeps rewards centred at 0."
+    )
+    version: str = Field("", description="Version string stored in rlhf_reward.json (default: the run name).")

@@ -1,0 +1,136 @@
+"""The job shell: metrics history, atomic checkpoints with a latest pointer, exact resume, and the
+TrainerService answering while the loop runs."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import grpc
+import pytest
+import torch
+
+from rlhf.core.client import make_channel
+from rlhf.trainer.config import SFTConfig
+from rlhf.trainer.job import TrainJob, read_metrics
+from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
+
+
+def _cfg(run_dir, **kw) -> SFTConfig:
+    base = dict(
+        run_dir=str(run_dir), port=0, metrics_port=-1, checkpoint_every=3, eval_every=2, progress=False
+    )
+    base.update(kw)
+    return SFTConfig(**base)
+
+
+def _toy_run(cfg: SFTConfig, total: int, stop_after: int | None = None, on_step=None):
+    """A toy regression loop in the job shell; returns (weights, job)."""
+    with TrainJob(cfg, kind="sft", total_steps=total, install_signal_handlers=False) as job:
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (total + 1))
+        job.track("head", model)
+        job.track("optimizer", opt)
+        job.track("scheduler", sched)
+        state = job.resume()
+        seen = state.get("seen", 0)
+        while not job.done:
+            x = torch.randn(8, 4)  # from the restored RNG: same data after a resume
+            loss = ((model(x).squeeze(-1) - x.sum(-1)) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            seen += 8
+            job.end_step(
+                {"loss": loss.item()}, train_state={"seen": seen}, evaluate=lambda: {"eval_loss": 1.0}
+            )
+            if on_step:
+                on_step(job)
+            if stop_after is not None and job.step == stop_after:
+                job.request_stop("test")
+        job.finish()
+    return torch.cat([p.detach().flatten() for p in model.parameters()]), job
+
+
+def test_history_checkpoints_and_latest_pointer(tmp_path):
+    weights, job = _toy_run(_cfg(tmp_path / "run"), total=7)
+    history = read_metrics(tmp_path / "run")
+    assert [h["step"] for h in history] == list(range(1, 8))
+    assert all("loss" in h for h in history)
+    assert [h["step"] for h in history if "eval_loss" in h] == [2, 4, 6, 7]
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-6"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step-")) == ["step-3", "step-6"]
+    assert not any(p.name.startswith(".") for p in ckpts.iterdir())  # no leftover temp folders
+    assert job.status().state == trainer_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_stop_then_resume_gives_the_uninterrupted_result(tmp_path):
+    reference, _ = _toy_run(_cfg(tmp_path / "a", checkpoint_every=0), total=9)
+    _, stopped = _toy_run(_cfg(tmp_path / "b", checkpoint_every=0), total=9, stop_after=4)
+    assert stopped.status().state == trainer_pb2.JOB_STATE_STOPPED
+    # the stop asked for after step 4 takes effect at the next step boundary
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text().strip() == "step-5"
+    resumed, job = _toy_run(_cfg(tmp_path / "b", checkpoint_every=0, resume=True), total=9)
+    assert job.status().state == trainer_pb2.JOB_STATE_SUCCEEDED
+    torch.testing.assert_close(resumed, reference, rtol=0, atol=0)
+    steps = [h["step"] for h in read_metrics(tmp_path / "b")]
+    assert steps == list(range(1, 10))
+
+
+def test_resume_drops_history_after_the_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path / "r", checkpoint_every=2)
+    _toy_run(cfg, total=5)  # checkpoint at step 4; history up to 5
+    resumed_cfg = _cfg(tmp_path / "r", checkpoint_every=2, resume=True)
+    lines = []
+    _toy_run(resumed_cfg, total=6, on_step=lambda job: lines.append(job.step))
+    assert lines == [5, 6]  # continued from step 4
+    steps = [h["step"] for h in read_metrics(tmp_path / "r")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_trainer_service_status_checkpoint_and_stop(tmp_path):
+    port_file = tmp_path / "ports.json"
+    cfg = _cfg(tmp_path / "svc", checkpoint_every=0, port_file=str(port_file))
+    seen = {}
+    go = threading.Event()
+
+    def client():
+        port = json.loads(port_file.read_text())["port"]
+        with make_channel(f"127.0.0.1:{port}") as channel:
+            stub = trainer_pb2_grpc.TrainerServiceStub(channel)
+            seen["status"] = stub.GetStatus(trainer_pb2.GetStatusRequest(), timeout=30).status
+            seen["ckpt"] = stub.SaveCheckpoint(trainer_pb2.SaveCheckpointRequest(), timeout=60).checkpoint
+            seen["stop"] = stub.Stop(trainer_pb2.StopRequest(reason="test"), timeout=30).status
+            stream = stub.StreamProgress(trainer_pb2.StreamProgressRequest(), timeout=60)
+            seen["stream"] = [r.status.state for r in stream]
+
+    def on_step(job):
+        if job.step == 2:
+            thread = threading.Thread(target=client)
+            thread.start()
+            seen["thread"] = thread
+            go.set()
+
+    _, job = _toy_run(cfg, total=100000, on_step=on_step)
+    seen["thread"].join(timeout=60)
+    assert seen["status"].kind == trainer_pb2.JOB_KIND_SFT
+    assert seen["status"].total_steps == 100000
+    assert seen["status"].job_id == "svc"
+    assert (
+        seen["ckpt"].step >= 2 and (tmp_path / "svc" / "checkpoints" / f"step-{seen['ckpt'].step}").is_dir()
+    )
+    assert seen["stop"].state == trainer_pb2.JOB_STATE_STOPPING
+    assert seen["stream"][-1] == trainer_pb2.JOB_STATE_STOPPED
+    assert job.status().state == trainer_pb2.JOB_STATE_STOPPED
+    assert job.step < 100000
+
+
+def test_save_checkpoint_after_the_end_is_refused(tmp_path):
+    _, job = _toy_run(_cfg(tmp_path / "end"), total=2)
+    with pytest.raises(Exception) as info:
+        job.request_checkpoint().result(timeout=5)
+    assert "ended" in str(info.value)
+    assert grpc.StatusCode.FAILED_PRECONDITION == info.value.code
