@@ -60,6 +60,10 @@ class TrainJobConfig(ServerConfig):
         "default",
         description="Starting model: an HF folder, or 'default' for the built-in SmolLM2-135M-Instruct.",
     )
+    device: str = Field(
+        "auto",
+        description="'auto' (cuda when available, under torchrun cuda:LOCAL_RANK), 'cpu' or 'cuda[:N]'.",
+    )
     max_length: int = Field(512, ge=8, description="Longest prompt+response in tokens; longer ones are cut.")
 
     # ---- data: a feedback-store snapshot, or a JSONL file for offline use ----

@@ -1,0 +1,91 @@
+"""Pieces the supervised jobs (SFT, reward model) share: the step plan, the data order, optimizer and schedule.
+
+The data order is a function of (seed, epoch) only, and the batch of a step a function of the step number,
+so a resumed run (and every data-parallel rank) reads exactly the batches an uninterrupted run reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rlhf.trainer.config import TrainJobConfig
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    steps_per_epoch: int
+    total_steps: int
+    batch_size: int  # global
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch index within the epoch) of the step with this 0-based number."""
+        return divmod(step, self.steps_per_epoch)
+
+
+def plan_steps(cfg: TrainJobConfig, num_examples: int, world_size: int = 1) -> StepPlan:
+    """Whole global batches per epoch (the last partial batch of an epoch is left out) and the step budget."""
+    if num_examples == 0:
+        raise ValueError("data: no training examples")
+    if cfg.batch_size > num_examples:
+        raise ValueError(
+            f"batch_size: {cfg.batch_size} is larger than the training set ({num_examples} examples)"
+        )
+    if cfg.batch_size < world_size:
+        raise ValueError(f"batch_size: {cfg.batch_size} is smaller than the number of ranks ({world_size})")
+    steps_per_epoch = num_examples // cfg.batch_size
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    return StepPlan(steps_per_epoch, total, cfg.batch_size)
+
+
+def batch_indices(plan: StepPlan, step: int, num_examples: int, seed: int) -> list[int]:
+    """Indices of the global batch of ``step`` (0-based): a fresh permutation per epoch."""
+    epoch, index = plan.position(step)
+    generator = torch.Generator().manual_seed(seed * 100003 + epoch)
+    order = torch.randperm(num_examples, generator=generator)
+    return order[index * plan.batch_size : (index + 1) * plan.batch_size].tolist()
+
+
+def chunks(items: Sequence, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+def make_optimizer(cfg: TrainJobConfig, parameters) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and norm weights (1-D tensors)."""
+    params = [p for p in parameters if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
+
+
+def make_scheduler(cfg: TrainJobConfig, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then constant, linear or cosine decay to 0 at ``total_steps``."""
+    warmup = cfg.warmup_steps
+    kind = cfg.lr_scheduler
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if kind == "constant":
+            return 1.0
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
+    """Clip the gradient norm (when max_norm > 0) and return the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if not params:
+        return 0.0
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))

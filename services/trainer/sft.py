@@ -1,0 +1,185 @@
+"""``rlhf train sft``: supervised fine-tuning of a causal LM on demonstrations.
+
+Each demonstration is formatted with the chat template exactly as generation sees it
+(rlhf.core.chat.tokenize_prompt_response: the rendered prompt, then the response and its EOS) and the
+cross-entropy is taken on the response tokens only, averaged over all response tokens of the global batch.
+The eval loss is the same average over the eval split. The final model is an HF folder (``run_dir/final``)
+that the generation service loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.core.models import causal_lm_logits, load_causal_lm, load_tokenizer, set_torch_threads
+from rlhf.trainer import distributed
+from rlhf.trainer.config import SFTConfig
+from rlhf.trainer.data import encode_sft_example, load_demonstrations, pad_right
+from rlhf.trainer.job import TrainJob
+from rlhf.trainer.loop import (
+    batch_indices,
+    chunks,
+    clip_gradients,
+    make_optimizer,
+    make_scheduler,
+    plan_steps,
+)
+
+log = logging.getLogger("rlhf.trainer.sft")
+
+Example = tuple[list[int], list[int]]  # (input ids, labels with -100 on the prompt)
+
+
+def encode_all(tokenizer, demos, max_length: int) -> list[Example]:
+    out = []
+    for demo in demos:
+        example = encode_sft_example(tokenizer, demo, max_length)
+        if example is not None:
+            out.append(example)
+    if len(out) < len(demos):
+        log.warning("%d demonstrations skipped: prompt longer than max_length", len(demos) - len(out))
+    return out
+
+
+def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids, mask = pad_right([e[0] for e in examples], pad_id)
+    labels, _ = pad_right([e[1] for e in examples], -100)
+    return ids, mask, labels
+
+
+def response_loss_sum(model, ids, mask, labels) -> torch.Tensor:
+    """Sum of the next-token cross-entropy over response tokens (labels != -100)."""
+    logits = causal_lm_logits(model, ids, mask)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def _num_targets(examples: list[Example]) -> int:
+    return sum(sum(1 for t in labels[1:] if t != -100) for _, labels in examples)
+
+
+@torch.no_grad()
+def evaluate_loss(model, examples: list[Example], cfg: SFTConfig, info, pad_id: int) -> float | None:
+    """Mean response-token loss over ``examples`` (sharded over ranks)."""
+    if not examples:
+        return None
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in chunks(distributed.shard(examples, info.rank, info.world_size), cfg.eval_batch_size):
+        ids, mask, labels = (t.to(info.device) for t in collate(batch, pad_id))
+        total += float(response_loss_sum(model, ids, mask, labels))
+        count += _num_targets(batch)
+    total, count = distributed.all_reduce_sum([total, count], info.device)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def save_final(model, tokenizer, folder: Path) -> Path:
+    """save_pretrained to a temporary folder, then rename: a reader never sees a half-written model."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+    return folder
+
+
+def run_sft(cfg: SFTConfig) -> Path:
+    """Run (or resume) an SFT job; returns the final HF folder (a stopped job: its last checkpoint's model)."""
+    set_torch_threads(cfg.torch_threads)
+    info = distributed.setup(cfg.device)
+    try:
+        tokenizer = load_tokenizer(cfg.model)
+        data = load_demonstrations(cfg)
+        train = encode_all(tokenizer, data.train, cfg.max_length)
+        evals = encode_all(tokenizer, data.eval, cfg.max_length)
+        plan = plan_steps(cfg, len(train), info.world_size)
+        log.info(
+            "SFT on %d train / %d eval demonstrations: %d steps of %d (%d per epoch)",
+            len(train),
+            len(evals),
+            plan.total_steps,
+            plan.batch_size,
+            plan.steps_per_epoch,
+        )
+        with TrainJob(cfg, kind="sft", total_steps=plan.total_steps) as job:
+            model = load_causal_lm(cfg.model).to(info.device)
+            model.train()
+            ddp_model = distributed.wrap(model, info)
+            optimizer = make_optimizer(cfg, model.parameters())
+            scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
+            job.track("model", model, tokenizer=tokenizer)
+            job.track("optimizer", optimizer)
+            job.track("scheduler", scheduler)
+            job.resume()
+            pad_id = tokenizer.pad_token_id
+
+            def evaluate() -> dict:
+                loss = evaluate_loss(model, evals, cfg, info, pad_id)
+                return {} if loss is None else {"eval_loss": loss}
+
+            while not job.done:
+                epoch, index = plan.position(job.step)
+                global_batch = batch_indices(plan, job.step, len(train), cfg.seed)
+                mine = [train[i] for i in distributed.shard(global_batch, info.rank, info.world_size)]
+                n_targets, n_tokens = distributed.all_reduce_sum(
+                    [_num_targets(mine), sum(len(ids) for ids, _ in mine)], info.device
+                )
+                micro_batches = list(chunks(mine, cfg.micro_batch_size))
+                loss_sum = 0.0
+                with job.phase("update"):
+                    for k, micro in enumerate(micro_batches):
+                        sync = k == len(micro_batches) - 1
+                        no_sync = (
+                            ddp_model.no_sync() if info.enabled and not sync else contextlib.nullcontext()
+                        )
+                        with no_sync:
+                            ids, mask, labels = (t.to(info.device) for t in collate(micro, pad_id))
+                            loss = response_loss_sum(ddp_model, ids, mask, labels)
+                            # sum / global count x world: DDP's gradient mean then equals the global-batch mean
+                            (loss * info.world_size / max(n_targets, 1)).backward()
+                            loss_sum += float(loss.detach())
+                    grad_norm = clip_gradients(model, cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                (total_loss,) = distributed.all_reduce_sum([loss_sum], info.device)
+                job.end_step(
+                    {
+                        "loss": total_loss / max(n_targets, 1),
+                        "grad_norm": grad_norm,
+                        "learning_rate": scheduler.get_last_lr()[0],
+                    },
+                    train_state={"epoch": epoch, "batch": index + 1},
+                    tokens=int(n_tokens),
+                    epoch=epoch,
+                    evaluate=evaluate,
+                )
+            final = job.run_dir / "final"
+            if job.completed:
+                if info.is_main:
+                    save_final(model, tokenizer, final)
+                    log.info("SFT model saved to %s", final)
+                if info.enabled:
+                    torch.distributed.barrier()
+                job.finish(final)
+                return final
+            job.finish()
+            latest = job.latest_checkpoint()
+            return latest / "model" if latest else final
+    finally:
+        distributed.cleanup()
