@@ -1,0 +1,239 @@
+"""How the demo measures alignment on held-out prompts: plain functions over lists of numbers and texts.
+
+* gold mean with a bootstrap confidence interval (:func:`bootstrap_mean_ci`);
+* pairwise win rate of one policy over another judged by gold, ties counting one half, with a paired
+  bootstrap interval (:func:`win_rate`, :func:`win_rate_ci`);
+* KL(policy || reference) per response, estimated from the policy's own samples as the sum over response tokens
+  of log pi(y_t) - log ref(y_t) (:func:`kl_per_response`; :func:`reference_logprobs` computes the reference's
+  token logprobs with the same temperature convention as the generation service);
+* distinct-n over all responses (:func:`distinct_n`) and response lengths, so reward hacking (collapse to one
+  phrase, padding) shows up next to the gold score.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def mean(values: Sequence[float]) -> float:
+    if not values:
+        raise ValueError("mean of no values")
+    return float(sum(values) / len(values))
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 1]) of an already sorted list."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def bootstrap_mean_ci(
+    values: Sequence[float], *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the sample mean and its percentile-bootstrap interval."""
+    values = [float(v) for v in values]
+    m = mean(values)
+    rng = random.Random(seed)
+    n = len(values)
+    boots = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(n_boot))
+    alpha = (1.0 - confidence) / 2
+    return m, _percentile(boots, alpha), _percentile(boots, 1.0 - alpha)
+
+
+def _win_values(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    if len(a) != len(b):
+        raise ValueError(f"paired scores differ in length: {len(a)} vs {len(b)}")
+    if not a:
+        raise ValueError("win rate of no pairs")
+    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
+
+
+def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
+    """Share of pairs (a[i], b[i]) where a wins; ties count one half."""
+    return mean(_win_values(a, b))
+
+
+def win_rate_ci(
+    a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(win rate of a over b, low, high) with a paired bootstrap over the pairs."""
+    return bootstrap_mean_ci(_win_values(a, b), n_boot=n_boot, confidence=confidence, seed=seed)
+
+
+def kl_per_response(
+    policy_logprobs: Sequence[Sequence[float]], reference_logprobs: Sequence[Sequence[float]]
+) -> list[float]:
+    """Per response: sum_t log pi(y_t) - log ref(y_t) over its tokens (an unbiased sample of KL(pi || ref) when
+    y was drawn from pi)."""
+    if len(policy_logprobs) != len(reference_logprobs):
+        raise ValueError("policy and reference logprobs cover different numbers of responses")
+    out = []
+    for i, (lp, lr) in enumerate(zip(policy_logprobs, reference_logprobs, strict=True)):
+        if len(lp) != len(lr):
+            raise ValueError(f"response {i}: {len(lp)} policy logprobs vs {len(lr)} reference logprobs")
+        out.append(float(sum(p - r for p, r in zip(lp, lr, strict=True))))
+    return out
+
+
+def ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(texts: Sequence[str], n: int) -> float:
+    """Distinct n-grams / all n-grams over every text (word and punctuation tokens, lower-cased); 0 if none."""
+    total, seen = 0, set()
+    for text in texts:
+        grams = ngrams([t.lower() for t in _TOKEN.findall(text)], n)
+        total += len(grams)
+        seen.update(grams)
+    return len(seen) / total if total else 0.0
+
+
+def word_count(text: str) -> int:
+    return len(re.findall(r"\w+", text))
+
+
+def reference_logprobs(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    response_ids: Sequence[Sequence[int]],
+    *,
+    temperature: float = 1.0,
+    batch_size: int = 8,
+    pad_id: int = 0,
+) -> list[list[float]]:
+    """Token logprobs of each response under ``model`` (a causal LM): log-softmax(logits / temperature) at each
+    response token, the generation service's LOGPROBS_MODE_TEMPERATURE convention. Right padding."""
+    import torch
+
+    from rlhf.core.models import causal_lm_logits
+
+    out: list[list[float]] = []
+    for start in range(0, len(prompt_ids), batch_size):
+        rows = [
+            (list(p), list(r))
+            for p, r in zip(
+                prompt_ids[start : start + batch_size], response_ids[start : start + batch_size], strict=True
+            )
+        ]
+        width = max(len(p) + len(r) for p, r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (p, r) in enumerate(rows):
+            seq = p + r
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+        with torch.no_grad():
+            logits = causal_lm_logits(model, ids, mask).float() / temperature
+            logp = torch.log_softmax(logits, dim=-1)
+        for i, (p, r) in enumerate(rows):
+            if not r:
+                out.append([])
+                continue
+            positions = torch.arange(len(p) - 1, len(p) + len(r) - 1)
+            targets = torch.tensor(r)
+            out.append(logp[i, positions, targets].tolist())
+    return out
+
+
+@dataclass
+class PolicyEval:
+    """What the demo reports for one policy on the eval prompts (one sample per prompt)."""
+
+    name: str
+    gold: list[float]
+    words: list[int]
+    tokens: list[int]
+    finished: list[bool]
+    texts: list[str]
+    kl: list[float] | None = None
+    rm_scores: list[float] | None = None
+    summary: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def summarize(
+    name: str,
+    texts: Sequence[str],
+    gold: Sequence[float],
+    tokens: Sequence[int],
+    finished: Sequence[bool],
+    *,
+    kl: Sequence[float] | None = None,
+    rm_scores: Sequence[float] | None = None,
+    seed: int = 0,
+) -> PolicyEval:
+    """A :class:`PolicyEval` with its summary numbers (gold mean and 95% CI, lengths, distinct-n, KL)."""
+    g_mean, g_lo, g_hi = bootstrap_mean_ci(gold, seed=seed)
+    words = [word_count(t) for t in texts]
+    summary = {
+        "n": len(texts),
+        "gold_mean": g_mean,
+        "gold_ci_low": g_lo,
+        "gold_ci_high": g_hi,
+        "mean_words": mean(words),
+        "mean_tokens": mean(list(tokens)),
+        "finished_rate": mean([1.0 if f else 0.0 for f in finished]),
+        "distinct_1": distinct_n(texts, 1),
+        "distinct_2": distinct_n(texts, 2),
+        "distinct_3": distinct_n(texts, 3),
+    }
+    if kl is not None:
+        k_mean, k_lo, k_hi = bootstrap_mean_ci(kl, seed=seed)
+        summary.update(kl_mean=k_mean, kl_ci_low=k_lo, kl_ci_high=k_hi)
+    if rm_scores is not None:
+        summary["rm_mean"] = mean(list(rm_scores))
+    return PolicyEval(
+        name=name,
+        gold=list(gold),
+        words=words,
+        tokens=list(tokens),
+        finished=list(finished),
+        texts=list(texts),
+        kl=list(kl) if kl is not None else None,
+        rm_scores=list(rm_scores) if rm_scores is not None else None,
+        summary=summary,
+    )
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson correlation (0 when either side is constant)."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError("pearson needs two equally long sequences of at least 2 values")
+    mx, my = mean(x), mean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return 0.0
+    return float(sxy / (sxx * syy) ** 0.5)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return r
+
+    return pearson(ranks(x), ranks(y))

@@ -1,0 +1,108 @@
+"""The report renders from synthetic inputs: plots are real PNGs, the Markdown carries the numbers."""
+
+from __future__ import annotations
+
+import json
+
+from rlhf.demo.evaluate import summarize
+from rlhf.demo.report import curve_series, load_metrics, sample_table, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _metrics(path, n=6):
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(
+                json.dumps(
+                    {
+                        "iteration": i,
+                        "reward_mean": 0.1 * i,
+                        "kl": 0.2 * i,
+                        "entropy": 2.0 - 0.1 * i,
+                        "policy_loss": -0.01 * i,
+                        "value_loss": 1.0 / (i + 1),
+                    }
+                )
+                + "\n"
+            )
+        f.write("not json\n\n")
+
+
+def _results(tmp_path, with_metrics=True):
+    prompts = ["Write a review | of a cafe.", "Tell a story about a cat."]
+    sft = summarize(
+        "SFT", ["It was fine.", "A cat sat."], [0.2, 0.0], [4, 4], [True, True], rm_scores=[0.1, -0.2]
+    )
+    ppo = summarize(
+        "PPO",
+        ["I loved it, wonderful!", "A happy cat found a lovely home."],
+        [0.9, 0.8],
+        [6, 8],
+        [True, True],
+        kl=[1.5, 2.5],
+        rm_scores=[1.1, 0.9],
+    )
+    results = {
+        "title": "Synthetic demo",
+        "command": "rlhf demo --preset tiny",
+        "preset": "tiny",
+        "evals": {"SFT": sft.to_dict(), "PPO": ppo.to_dict()},
+        "eval_prompts": prompts,
+        "win_rate": {"name": "PPO over SFT", "rate": 1.0, "low": 1.0, "high": 1.0, "n": 2},
+        "reward_model": {"eval_accuracy": 0.71, "bayes_optimal_accuracy": 0.74, "label_gold_agreement": 0.73},
+        "targets": [{"name": "win rate", "wanted": ">= 80%", "reached": "100%", "met": True}],
+        "checkpoints": {"SFT": str(tmp_path / "sft"), "PPO": str(tmp_path / "ppo")},
+        "stage_seconds": {"sft": 1.0},
+    }
+    if with_metrics:
+        _metrics(tmp_path / "metrics.jsonl")
+        results["metrics_path"] = str(tmp_path / "metrics.jsonl")
+    return results
+
+
+def test_load_metrics_skips_bad_lines(tmp_path):
+    _metrics(tmp_path / "m.jsonl", n=3)
+    assert [r["iteration"] for r in load_metrics(tmp_path / "m.jsonl")] == [0, 1, 2]
+    assert load_metrics(tmp_path / "missing.jsonl") == []
+
+
+def test_curve_series_picks_known_keys_against_the_iteration():
+    rows = [
+        {"step": 1, "reward_mean": 0.5, "kl": 0.1},
+        {"step": 2, "reward_mean": 0.7},
+        {"step": 3, "kl": float("nan")},
+    ]
+    series = curve_series(rows)
+    assert series["reward (RM score, mean)"] == ("reward_mean", [1.0, 2.0], [0.5, 0.7])
+    assert series["KL(policy || SFT) per response"] == ("kl", [1.0], [0.1])
+    assert "entropy per token" not in series
+
+
+def test_report_writes_pngs_and_markdown_with_the_numbers(tmp_path):
+    report = write_report(tmp_path, _results(tmp_path))
+    text = report.read_text()
+    for png in ("ppo_curves.png", "gold_distributions.png", "rm_vs_gold.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({png})" in text
+    assert "+0.850" in text  # PPO gold mean
+    assert "2.00 [" in text  # PPO KL mean
+    assert "0.710" in text and "0.740" in text  # RM accuracy vs Bayes-optimal
+    assert "100.0%" in text
+    assert "Write a review \\| of a cafe." in text  # pipes escaped in the sample table
+    assert str(tmp_path / "ppo") in text
+
+
+def test_report_without_ppo_metrics_still_renders(tmp_path):
+    results = _results(tmp_path, with_metrics=False)
+    results["metrics_path"] = str(tmp_path / "none.jsonl")
+    report = write_report(tmp_path, results)
+    assert (tmp_path / "ppo_curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert report.exists()
+
+
+def test_sample_table_shows_both_policies_with_gold():
+    table = sample_table(["p1", "p2"], ("SFT", ["a", ""], [0.1, -2.0]), ("PPO", ["b", "c"], [0.5, 0.6]), n=5)
+    lines = table.splitlines()
+    assert len(lines) == 4
+    assert "*(empty)* (-2.00)" in lines[3] and "c (+0.60)" in lines[3]
