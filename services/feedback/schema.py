@@ -71,3 +71,41 @@ snapshot_records = sa.Table(
     sa.Column("seq", sa.BigInteger(), sa.ForeignKey("records.seq"), primary_key=True),
     sa.Column("split", sa.SmallInteger(), nullable=False),
 )
+
+# ---- labeling queue (migration 0002) ---------------------------------------------------------------------
+# A task is a prompt with 2+ responses to compare (kind "comparison") or 1 to rate (kind "rating"); it wants
+# ``redundancy`` judgments from different labelers. ``seq`` is the queue order (first enqueued, first served).
+labeling_tasks = sa.Table(
+    "labeling_tasks",
+    metadata,
+    sa.Column("seq", Seq, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(64), nullable=False),
+    sa.Column("idempotency_key", sa.String(256), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("prompt_id", sa.String(64), nullable=True),
+    sa.Column("payload", Json, nullable=False),
+    sa.Column("redundancy", sa.Integer(), nullable=False),
+    sa.Column("judgments", sa.Integer(), nullable=False),
+    sa.Column("source", sa.String(256), nullable=False),
+    sa.Column("created_at_us", sa.BigInteger(), nullable=False),
+    sa.UniqueConstraint("id"),
+    sa.UniqueConstraint("idempotency_key"),
+)
+
+# One row per (task, labeler) ever handed out: a labeler never gets a task twice. status is "assigned" (lease
+# until lease_expires_us), "done" (record_id holds the judgment; choice/score summarise it for agreement),
+# "skipped" or "expired" (the lease ran out and the slot went to someone else).
+labeling_assignments = sa.Table(
+    "labeling_assignments",
+    metadata,
+    sa.Column("task_id", sa.String(64), sa.ForeignKey("labeling_tasks.id"), primary_key=True),
+    sa.Column("labeler_id", sa.String(128), primary_key=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("assigned_at_us", sa.BigInteger(), nullable=False),
+    sa.Column("lease_expires_us", sa.BigInteger(), nullable=False),
+    sa.Column("completed_at_us", sa.BigInteger(), nullable=True),
+    sa.Column("record_id", sa.String(64), nullable=True),
+    sa.Column("choice", sa.Integer(), nullable=True),
+    sa.Column("score", sa.Integer(), nullable=True),
+    sa.Index(None, "labeler_id", "status"),
+)

@@ -220,6 +220,9 @@ class FeedbackStore:
                 conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITE_LOCK_KEY})
                 yield conn
 
+    #: Public name for modules that write records together with their own rows (the labeling queue).
+    write_tx = _write_tx
+
     # ---- writes ---------------------------------------------------------------------------------------
 
     def add_labelers(self, items: Sequence[feedback_pb2.Labeler]) -> feedback_pb2.WriteResult:
@@ -312,6 +315,19 @@ class FeedbackStore:
         )
 
     def _write(self, kind: str, field_name: str, rows: list[_Row]) -> feedback_pb2.WriteResult:
+        with self._write_tx() as conn:
+            result, new_labelers = self.write_rows(conn, kind, field_name, rows)
+        self._known_labelers.update(new_labelers)  # only once committed
+        return result
+
+    def write_rows(
+        self, conn, kind: str, field_name: str, rows: list[_Row]
+    ) -> tuple[feedback_pb2.WriteResult, list[str]]:
+        """Insert rows from :meth:`prepare` inside the caller's write transaction (see :meth:`write_tx`).
+
+        Returns the result and the labeler ids the transaction created; pass them to
+        :meth:`note_labelers` once it has committed.
+        """
         # Repeated keys inside one batch: the same content is one record, different content is an error.
         first: dict[str, _Row] = {}
         unique: list[_Row] = []
@@ -327,32 +343,35 @@ class FeedbackStore:
                     "idempotency_conflict",
                 )
         now = _now_us()
-        with self._write_tx() as conn:
-            self._resolve_prompts(conn, field_name, unique)
-            new_labelers = self._ensure_labelers(conn, field_name, unique, now)
-            values = [
-                dict(
-                    id=r.id,
-                    kind=kind,
-                    idempotency_key=r.key,
-                    content_hash=r.content_hash,
-                    labeler_id=r.labeler_id,
-                    prompt_id=r.prompt_id,
-                    created_at_us=now,
-                    payload=r.payload,
-                )
-                for r in unique
-            ]
-            stmt = self._insert(records).on_conflict_do_nothing().returning(records.c.idempotency_key)
-            inserted = set(conn.execute(stmt, values).scalars())
-            replayed = [r for r in unique if r.key not in inserted]
-            if replayed:
-                self._check_replays(conn, kind, field_name, replayed)
-        self._known_labelers.update(new_labelers)  # only once committed
+        self._resolve_prompts(conn, field_name, unique)
+        new_labelers = self._ensure_labelers(conn, field_name, unique, now)
+        values = [
+            dict(
+                id=r.id,
+                kind=kind,
+                idempotency_key=r.key,
+                content_hash=r.content_hash,
+                labeler_id=r.labeler_id,
+                prompt_id=r.prompt_id,
+                created_at_us=now,
+                payload=r.payload,
+            )
+            for r in unique
+        ]
+        stmt = self._insert(records).on_conflict_do_nothing().returning(records.c.idempotency_key)
+        inserted = set(conn.execute(stmt, values).scalars())
+        replayed = [r for r in unique if r.key not in inserted]
+        if replayed:
+            self._check_replays(conn, kind, field_name, replayed)
         created = len(inserted)
-        return feedback_pb2.WriteResult(
+        result = feedback_pb2.WriteResult(
             ids=[first[r.key].id for r in rows], created=created, existing=len(rows) - created
         )
+        return result, new_labelers
+
+    def note_labelers(self, labeler_ids: Sequence[str]) -> None:
+        """Remember labelers a committed :meth:`write_rows` transaction created."""
+        self._known_labelers.update(labeler_ids)
 
     def _check_replays(self, conn, kind: str, field_name: str, replayed: list[_Row]) -> None:
         stored: dict[str, str] = {}

@@ -25,10 +25,10 @@ def test_downgrade_to_base_and_upgrade_again(database_url):
             command.downgrade(cfg, "base")
         assert set(sa.inspect(store.engine).get_table_names()) == {"alembic_version"}
         store.migrate()
-        assert {"records", "labelers", "snapshots", "snapshot_records"} <= set(
+        assert {"records", "labelers", "snapshots", "snapshot_records", "labeling_tasks"} <= set(
             sa.inspect(store.engine).get_table_names()
         )
-        assert store.schema_revision() == "0001"
+        assert store.schema_revision() == "0002"  # the newest revision (0002: labeling queue)
 
 
 def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path):
