@@ -159,3 +159,102 @@ class RewardModelConfig(TrainJobConfig):
         0.0, ge=0, description="Weight of the (r_chosen + r_rejected)^2 term that keeps rewards centred at 0."
     )
     version: str = Field("", description="Version string stored in rlhf_reward.json (default: the run name).")
+
+
+class PPOConfig(TrainJobConfig):
+    """PPO from the SFT model against the generation and reward services (names as TRL's PPO config).
+
+    One iteration = one rollout of ``batch_size`` responses (``batch_size / samples_per_prompt`` prompts),
+    then ``num_ppo_epochs`` passes over it in ``num_mini_batches`` optimizer steps each, then a weight push.
+    ``max_steps`` counts iterations (0 = ``epochs`` passes over the prompts).
+    """
+
+    section: ClassVar[str] = "ppo"
+    kind: ClassVar[str] = "ppo"
+
+    # ---- services ----
+    generation_target: str = Field(
+        "127.0.0.1:50051", description="host:port of the policy generation service (rlhf.v1.PolicyService)."
+    )
+    generation_token: str | None = Field(None, description="Bearer token for generation_target.")
+    reward_target: str = Field(
+        "127.0.0.1:50052", description="host:port of the reward service (rlhf.v1.RewardService)."
+    )
+    reward_token: str | None = Field(None, description="Bearer token for reward_target.")
+    service_timeout: float = Field(
+        300.0, gt=0, description="Deadline in seconds of one Generate / Score / UpdateWeights attempt."
+    )
+    service_retry_seconds: float = Field(
+        120.0,
+        ge=0,
+        description="How long a service may stay unavailable (retried with backoff) before the job checkpoints and ends.",
+    )
+    push_dir: str = Field(
+        "/dev/shm",
+        description="Folder shared with the generation service for path-based weight pushes ('' = stream the bytes over gRPC).",
+    )
+
+    # ---- models ----
+    reference_model: str | None = Field(
+        None, description="Frozen reference for the KL penalty (default: model, the SFT checkpoint)."
+    )
+
+    # ---- rollouts ----
+    batch_size: int = Field(16, ge=1, description="Rollouts (responses) per PPO iteration.")
+    micro_batch_size: int = Field(
+        16, ge=1, description="Largest forward/backward batch (gradient accumulation above it)."
+    )
+    samples_per_prompt: int = Field(
+        1, ge=1, description="Responses sampled per prompt (batch_size / this prompts)."
+    )
+    response_length: int = Field(48, ge=1, description="Largest number of new tokens of a response.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (the logprobs use the same).")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Nucleus sampling mass (PPO's ratios assume 1: the full distribution)."
+    )
+    prompt_kinds: list[str] = Field(
+        ["prompt", "demonstration", "comparison"],
+        description="Record kinds whose prompts make the PPO prompt set.",
+    )
+
+    # ---- PPO ----
+    learning_rate: float = Field(3e-6, gt=0, description="Peak learning rate of AdamW for the policy.")
+    value_learning_rate: float = Field(1e-4, gt=0, description="Learning rate of the value head.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning-rate schedule after warmup."
+    )
+    num_ppo_epochs: int = Field(1, ge=1, description="Passes over each rollout batch.")
+    num_mini_batches: int = Field(1, ge=1, description="Optimizer steps per PPO epoch.")
+    cliprange: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
+    cliprange_value: float = Field(0.2, gt=0, description="Clip range of the value function.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount factor of GAE.")
+    lam: float = Field(0.95, ge=0, le=1, description="Lambda of GAE.")
+    whiten_rewards: bool = Field(False, description="Whiten the shaped rewards before GAE.")
+    kl_coef: float = Field(0.05, ge=0, description="Initial coefficient of the per-token KL penalty.")
+    adaptive_kl: bool = Field(True, description="Adapt kl_coef towards target_kl (Ziegler et al. 2019).")
+    target_kl: float = Field(6.0, gt=0, description="Target per-sequence KL of the adaptive controller.")
+    kl_horizon: float = Field(10000.0, gt=0, description="Horizon (in rollouts) of the adaptive controller.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator of the penalty.")
+    missing_eos_penalty: float | None = Field(
+        1.0, description="Subtracted from the score of a response that never ends (unset = no penalty)."
+    )
+    normalize_scores: bool = Field(
+        True, description="Use the reward service's normalized scores (reward checkpoint mean/std)."
+    )
+    reward_clip: float | None = Field(None, gt=0, description="Clip scores to [-reward_clip, reward_clip].")
+    reuse_generation_logprobs: bool = Field(
+        True,
+        description="Use the generation service's logprobs as the old logprobs when its policy version is the trainer's.",
+    )
+    checkpoint_every: int = Field(
+        10, ge=0, description="Checkpoint every N iterations (0 = only on request/stop)."
+    )
+
+    @model_validator(mode="after")
+    def _check_ppo_batches(self):
+        if self.batch_size % self.samples_per_prompt:
+            raise ValueError("batch_size: must be a multiple of samples_per_prompt")
+        if self.batch_size % self.num_mini_batches:
+            raise ValueError("num_mini_batches: must divide batch_size")
+        return self
