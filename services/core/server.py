@@ -83,17 +83,39 @@ def _read_tokens(config: ServerConfig) -> set[str]:
     return tokens
 
 
+class UndecodableRequest:
+    """Stands in for a request whose bytes are not a valid message; the interceptor answers INVALID_ARGUMENT."""
+
+    def __init__(self, error: Exception):
+        self.message = f"request: not a valid protobuf message ({error})"
+
+
+def _tolerant(deserializer):
+    """A deserializer that returns :class:`UndecodableRequest` instead of raising (grpc would say UNKNOWN)."""
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # google.protobuf.message.DecodeError, bad UTF-8 in a string field...
+            return UndecodableRequest(exc)
+
+    return deserialize
+
+
 def _wrap_handler(handler: grpc.RpcMethodHandler, wrap_unary, wrap_stream) -> grpc.RpcMethodHandler:
     """Rebuild ``handler`` with its behaviour wrapped; unary responses via wrap_unary, streams via wrap_stream."""
     kw = dict(
         request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
     )
+    single = dict(kw, request_deserializer=_tolerant(handler.request_deserializer))
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **kw)
+        return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), **single)
     if handler.stream_unary:
         return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), **kw)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **kw)
+        return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), **single)
     return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), **kw)
 
 
@@ -131,6 +153,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             if gated and not ready.is_set():
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "server is loading; retry shortly")
 
+        async def check_decoded(request, context) -> None:
+            if isinstance(request, UndecodableRequest):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
         def finish(context, start: float, code: grpc.StatusCode | None) -> None:
             code_name = (code or context.code() or grpc.StatusCode.OK).name
             RPC_REQUESTS.labels(service, name, code_name).inc()
@@ -147,6 +173,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code = None
                 try:
                     await guard(context)
+                    await check_decoded(request, context)
                     try:
                         return await behavior(request, context)
                     except ServiceError as exc:
@@ -175,6 +202,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 code = None
                 try:
                     await guard(context)
+                    await check_decoded(request, context)
                     try:
                         async for response in behavior(request, context):
                             yield response
