@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import pytest
 
-from rlhf.core.client import wait_for_serving
 from rlhf.core.server import ServerHandle, run_server
 from rlhf.reward.checkpoint import save_reward_checkpoint
 from rlhf.reward.client import RewardClient
@@ -80,7 +79,10 @@ def running_server(model, **config_kw):
     if "error" in box:
         raise box["error"]
     target = f"127.0.0.1:{handle.port}"
-    wait_for_serving(target, timeout=60, token=config.auth_token)
+    while not handle.ready.is_set():  # SERVING (polled: health over TLS would need the certificate here)
+        assert "error" not in box, box.get("error")
+        assert time.monotonic() < deadline + 60, "server did not load"
+        time.sleep(0.01)
     try:
         yield RunningServer(target, servicer, handle, config, box["loop"])
     finally:
