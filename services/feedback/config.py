@@ -60,6 +60,35 @@ class FeedbackConfig(ServerConfig):
         15.0, gt=0, description="How often the store-size and record-count gauges are refreshed."
     )
 
+    labeling_port: int = Field(
+        -1,
+        ge=-1,
+        le=65535,
+        description="HTTP port of the labeling web page served next to the gRPC API (0 = pick a free port, -1 = off).",
+    )
+    labeling_host: str = Field("0.0.0.0", description="Address the labeling web page binds to.")
+    labeling_tokens_file: str | None = Field(
+        None,
+        description="Labeler sign-in tokens, one 'LABELER_ID TOKEN' pair per line (# comments); re-read when it changes.",
+    )
+    labeling_admins: list[str] = Field(
+        default_factory=list,
+        description="Labeler ids that may open the overview page and export (so may anyone signing in with a service auth token).",
+    )
+    labeling_secret_key_file: str | None = Field(
+        None,
+        description="File with the key that signs session cookies (default: a random key, sign-ins end on restart).",
+    )
+    labeling_lease_seconds: float = Field(
+        1800.0, gt=0, description="How long a labeler holds a task before it may go to someone else."
+    )
+    labeling_low_agreement: float = Field(
+        0.6, ge=0, le=1, description="Overview: flag labelers whose pairwise agreement is below this."
+    )
+    labeling_min_pairs: int = Field(
+        5, ge=1, description="Overview: judgment pairs a labeler needs before their agreement is judged."
+    )
+
     def resolved_database_url(self) -> str:
         """The URL to connect to: the contents of database_url_file when set, else database_url."""
         if self.database_url_file:

@@ -93,6 +93,7 @@ class SubmitResult:
     record_ids: list[str]
     created: bool  # False: this judgment was already stored (a replay)
     seconds: float | None  # time from assignment to the first submit (None for a replay)
+    created_by_kind: dict[str, int] = field(default_factory=dict)  # records newly stored, by kind
 
 
 @dataclass
@@ -522,12 +523,13 @@ class LabelingQueue:
                         f"task_id: the lease on {task.id!r} ran out and the task went to other labelers"
                     )
             ids: list[str] = []
-            created = 0
+            by_kind: dict[str, int] = {}
             for kind, field_name, rows in batches:
                 result, made = self.store.write_rows(conn, kind, field_name, rows)
                 ids.extend(result.ids)
-                created += result.created
+                by_kind[kind] = result.created
                 new_labelers.extend(made)
+            created = sum(by_kind.values())
             if status == "done":
                 if created:  # cannot happen unless the store was edited by hand; refuse to double count
                     raise AlreadyExists(f"task_id: {task.id!r} was already judged by {labeler_id!r}")
@@ -548,7 +550,9 @@ class LabelingQueue:
                 )
                 seconds = max(0.0, (now - assignment["assigned_at_us"]) / 1e6)
         self.store.note_labelers(new_labelers)
-        return SubmitResult(record_ids=ids, created=status != "done", seconds=seconds)
+        return SubmitResult(
+            record_ids=ids, created=status != "done", seconds=seconds, created_by_kind=by_kind
+        )
 
     # ---- progress and overview ------------------------------------------------------------------------
 

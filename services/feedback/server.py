@@ -67,6 +67,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         self.store: FeedbackStore | None = None
         self._executor = ThreadPoolExecutor(config.db_threads, thread_name_prefix="feedback-db")
         self._refresh_task: asyncio.Task | None = None
+        self.labeling = None  # rlhf.labeling.web.LabelingWebServer when labeling_port >= 0
 
     # ---- lifecycle ------------------------------------------------------------------------------------
 
@@ -82,13 +83,23 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             await self._run(self.store.schema_revision),
             dict(stats.records_by_kind),
         )
+        if self.config.labeling_port >= 0:
+            await self._run(self._start_labeling)
         self._refresh_task = asyncio.ensure_future(self._refresh_gauges())
+
+    def _start_labeling(self) -> None:
+        from rlhf.labeling.web import LabelingWebServer, app_from_config
+
+        app = app_from_config(self.store, self.config)
+        self.labeling = LabelingWebServer(app, self.config.labeling_host, self.config.labeling_port).start()
 
     async def shutdown(self, handle: ServerHandle) -> None:
         if self._refresh_task:
             self._refresh_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresh_task
+        if self.labeling:
+            await self._run(self.labeling.stop)
         if self.store:
             await self._run(self.store.close)
         self._executor.shutdown(wait=True)
@@ -106,6 +117,8 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             await asyncio.sleep(self.config.stats_refresh_seconds)
             try:
                 self._set_gauges(await self._run(self.store.stats))
+                if self.labeling:
+                    await self._run(self.labeling.app.extensions["rlhf_labeling"]["refresh_depth"])
             except Exception:  # a transient database error must not end the refresh loop
                 log.warning("could not refresh store gauges", exc_info=True)
 
