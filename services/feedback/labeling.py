@@ -37,6 +37,7 @@ from rlhf.feedback import records as rec
 from rlhf.feedback import validation as val
 from rlhf.feedback.schema import labeling_assignments as assignments
 from rlhf.feedback.schema import labeling_tasks as tasks
+from rlhf.feedback.schema import records
 from rlhf.feedback.store import FeedbackStore
 from rlhf.v1 import feedback_pb2
 
@@ -55,6 +56,7 @@ class TaskSpec:
     redundancy: int | None = None  # default: the queue's
     source: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
+    prompt_id: str = ""  # a stored prompt record this task's prompt is (default: stored on enqueue)
 
 
 @dataclass
@@ -264,18 +266,23 @@ class LabelingQueue:
         """
         val.check_batch(specs, "tasks", self.store.limits)
         checked = [self._check_spec(spec, i) for i, spec in enumerate(specs)]
-        prompt_result = self.store.add_prompts(
-            [
-                feedback_pb2.PromptRecord(
-                    prompt=rec.prompt_message(p["prompt"]), source=spec.source or SOURCE
-                )
-                for spec, (_, p, _) in zip(specs, checked, strict=True)
-            ]
-        )
+        new_prompts = [i for i, spec in enumerate(specs) if not spec.prompt_id]
+        prompt_ids = [spec.prompt_id for spec in specs]
+        if new_prompts:
+            result = self.store.add_prompts(
+                [
+                    feedback_pb2.PromptRecord(
+                        prompt=rec.prompt_message(checked[i][1]["prompt"]), source=specs[i].source or SOURCE
+                    )
+                    for i in new_prompts
+                ]
+            )
+            for i, prompt_id in zip(new_prompts, result.ids, strict=True):
+                prompt_ids[i] = prompt_id
         now = _now_us()
         values, seen = [], {}
         for i, ((key, payload, redundancy), spec, prompt_id) in enumerate(
-            zip(checked, specs, prompt_result.ids, strict=True)
+            zip(checked, specs, prompt_ids, strict=True)
         ):
             if key in seen:
                 if seen[key] != (payload, redundancy) and spec.idempotency_key:
@@ -298,6 +305,16 @@ class LabelingQueue:
                 )
             )
         with self.store.write_tx() as conn:
+            given = sorted({spec.prompt_id for spec in specs if spec.prompt_id})
+            if given:
+                found = set(
+                    conn.execute(
+                        sa.select(records.c.id).where(records.c.kind == "prompt", records.c.id.in_(given))
+                    ).scalars()
+                )
+                for i, spec in enumerate(specs):
+                    if spec.prompt_id and spec.prompt_id not in found:
+                        raise InvalidArgument(f"tasks[{i}].prompt_id", f"no stored prompt {spec.prompt_id!r}")
             stmt = self.store._insert(tasks).on_conflict_do_nothing().returning(tasks.c.idempotency_key)
             inserted = set(conn.execute(stmt, values).scalars())
             replayed = [v for v in values if v["idempotency_key"] not in inserted]
@@ -675,6 +692,130 @@ class LabelingQueue:
         for response in self.store.export(kinds=["comparison", "rating"]):
             if "labeling_task_id" in rec.exported_record(response).metadata:
                 yield response
+
+
+# ---- task sources ----------------------------------------------------------------------------------------
+
+TASK_FIELDS = ("prompt", "responses", "response", "idempotency_key", "redundancy", "source", "metadata")
+
+
+def parse_task_line(obj, *, default_source: str = "") -> TaskSpec:
+    """One JSONL task: ``{"prompt": P, "responses": [R, ...]}`` (compare) or ``{"prompt": P, "response": R}``
+    (rate), optional ``idempotency_key``, ``redundancy``, ``source``, ``metadata``. P is text or a list of
+    {"role", "content"}; R is text or {"text", "model_version"}."""
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    unknown = sorted(set(obj) - set(TASK_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown fields {unknown}; a task has {', '.join(TASK_FIELDS)}")
+    if "prompt" not in obj:
+        raise ValueError("'prompt' is required")
+    if ("responses" in obj) == ("response" in obj):
+        raise ValueError("give 'responses' (a list, to compare) or 'response' (one, to rate)")
+    responses = obj["responses"] if "responses" in obj else [obj["response"]]
+    if not isinstance(responses, list):
+        raise ValueError("'responses' must be a list")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, str) and not (
+        isinstance(prompt, list)
+        and all(isinstance(m, dict) and set(m) == {"role", "content"} for m in prompt)
+    ):
+        raise ValueError("'prompt' must be text or a list of {'role', 'content'} messages")
+    metadata = obj.get("metadata", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError("'metadata' must map strings to strings")
+    redundancy = obj.get("redundancy")
+    if redundancy is not None and (not isinstance(redundancy, int) or isinstance(redundancy, bool)):
+        raise ValueError("'redundancy' must be a whole number")
+    return TaskSpec(
+        prompt=prompt,
+        responses=responses,
+        idempotency_key=str(obj.get("idempotency_key", "")),
+        redundancy=redundancy,
+        source=str(obj.get("source", default_source)),
+        metadata=metadata,
+    )
+
+
+def read_task_jsonl(lines, *, default_source: str = "") -> list[TaskSpec]:
+    """Parse a JSONL file of tasks; the first bad line raises InvalidArgument naming it."""
+    import json
+
+    out = []
+    for line_no, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            out.append(parse_task_line(json.loads(text), default_source=default_source))
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(
+                f"line {line_no}", f"not valid JSON ({exc.msg} at column {exc.colno})"
+            ) from None
+        except ValueError as exc:
+            raise InvalidArgument(f"line {line_no}", str(exc)) from None
+    return out
+
+
+def prompts_without_tasks(store: FeedbackStore, limit: int = 0) -> list[tuple[str, str | list[dict]]]:
+    """Stored prompt records (id, prompt) that no labeling task uses yet, oldest first."""
+    with store.engine.connect() as conn:
+        used = set(conn.execute(sa.select(tasks.c.prompt_id).where(tasks.c.prompt_id.is_not(None))).scalars())
+    out = []
+    for response in store.export(kinds=["prompt"]):
+        record = response.prompt
+        if record.id in used:
+            continue
+        out.append((record.id, rec.prompt_value(record.prompt)))
+        if limit and len(out) >= limit:
+            break
+    return out
+
+
+def sample_tasks(
+    client,
+    prompts: Sequence[tuple[str, str | list[dict]]],
+    *,
+    responses: int = 2,
+    batch_size: int = 8,
+    source: str = "generation",
+    **generate_kw,
+) -> tuple[list[TaskSpec], int]:
+    """Tasks from ``responses`` samples per stored prompt, drawn with a PolicyClient-like ``client``
+    (``generate(prompts, n=..., **generate_kw)`` -> samples ordered by prompt then sample).
+
+    Identical samples are merged; a prompt left with fewer distinct responses than asked for (e.g. one when
+    two were wanted) is dropped. Returns (tasks, prompts dropped).
+    """
+    specs, dropped = [], 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        samples = client.generate([p for _, p in chunk], n=responses, **generate_kw)
+        by_prompt: dict[int, list] = defaultdict(list)
+        for sample in samples:
+            by_prompt[sample.prompt_index].append(sample)
+        for i, (prompt_id, prompt) in enumerate(chunk):
+            texts, versions = [], []
+            for sample in sorted(by_prompt[i], key=lambda s: s.sample_index):
+                text = sample.text.strip()
+                if text and text not in texts:
+                    texts.append(text)
+                    versions.append(str(sample.policy_version))
+            if len(texts) < min(responses, 2) or not texts:
+                dropped += 1
+                continue
+            specs.append(
+                TaskSpec(
+                    prompt=prompt,
+                    responses=[
+                        {"text": t, "model_version": f"policy-v{v}"}
+                        for t, v in zip(texts, versions, strict=True)
+                    ],
+                    idempotency_key=f"sampled:{prompt_id}:" + rec.sha256_hex(rec.canonical_json(texts))[:16],
+                    source=source,
+                    prompt_id=prompt_id,
+                )
+            )
+    return specs, dropped
 
 
 def _task(row, lease_expires_us: int = 0) -> Task:
