@@ -159,12 +159,14 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             raise FailedPrecondition("LoadModel is disabled on this server (allow_load_model: false)")
         path = request.path.strip()
         require(bool(path), "path", "empty: give a reward checkpoint folder")
-        require(
-            self.config.path_allowed(path),
-            "path",
-            f"{path} is outside the allowed model_roots {self.config.model_roots}",
-        )
-        require(Path(path).is_dir(), "path", f"{path} is not a folder the server can read")
+        require(len(path) <= 4096, "path", f"{len(path)} chars > limit 4096")
+        require("\x00" not in path, "path", "contains a NUL character")
+        try:
+            allowed, is_dir = self.config.path_allowed(path), Path(path).is_dir()
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument("path", f"{path!r} is not usable ({exc})") from None
+        require(allowed, "path", f"{path} is outside the allowed model_roots {self.config.model_roots}")
+        require(is_dir, "path", f"{path} is not a folder the server can read")
         require(len(request.version) <= 200, "version", f"{len(request.version)} chars > limit 200")
         async with self._load_lock:
             try:
