@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -92,6 +94,13 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
 
         app = app_from_config(self.store, self.config)
         self.labeling = LabelingWebServer(app, self.config.labeling_host, self.config.labeling_port).start()
+        if self.config.port_file:  # launchers and tests find the page's port next to the gRPC one
+            path = Path(self.config.port_file)
+            ports = json.loads(path.read_text()) if path.exists() else {}
+            ports["labeling_port"] = self.labeling.port
+            tmp = path.with_suffix(".labeling.tmp")
+            tmp.write_text(json.dumps(ports))
+            tmp.replace(path)
 
     async def shutdown(self, handle: ServerHandle) -> None:
         if self._refresh_task:
