@@ -93,7 +93,7 @@ def test_sigkill_then_resume_continues_to_the_uninterrupted_weights(tmp_path, ti
             eval_every=0,
             torch_threads=1,
             progress=False,
-            max_steps=150,
+            max_steps=60,
             checkpoint_every=0,
             serve=False,
         )
