@@ -446,6 +446,7 @@ class FeedbackStore:
         if request.split not in (0, feedback_pb2.SPLIT_TRAIN, feedback_pb2.SPLIT_EVAL):
             raise InvalidArgument("split", f"{request.split} is not a split")
         if request.snapshot:
+            val.check_snapshot_name(request.snapshot, "snapshot")
             with self.engine.connect() as conn:
                 exists = conn.execute(
                     sa.select(snapshots.c.name).where(snapshots.c.name == request.snapshot)
@@ -615,6 +616,7 @@ class FeedbackStore:
         return _snapshot_message(values)
 
     def get_snapshot(self, name: str) -> feedback_pb2.Snapshot:
+        val.check_snapshot_name(name, "name")  # (PostgreSQL cannot even compare a name with a NUL in it)
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(snapshots).where(snapshots.c.name == name)).mappings().first()
         if row is None:

@@ -263,11 +263,13 @@ def check_filter(record_filter: feedback_pb2.RecordFilter, field: str) -> None:
         raise RecordError(f"{field}.created_before", "must be later than created_after", "bad_filter")
 
 
+def check_snapshot_name(name: str, field: str) -> None:
+    if not SNAPSHOT_NAME.match(name):
+        raise RecordError(field, f"{name[:40]!r} is not 1-128 chars of [A-Za-z0-9._-]", "bad_snapshot")
+
+
 def check_snapshot_request(snapshot: feedback_pb2.Snapshot, field: str, limits: Limits) -> None:
-    if not SNAPSHOT_NAME.match(snapshot.name):
-        raise RecordError(
-            f"{field}.name", f"{snapshot.name[:40]!r} is not 1-128 chars of [A-Za-z0-9._-]", "bad_snapshot"
-        )
+    check_snapshot_name(snapshot.name, f"{field}.name")
     if not (math.isfinite(snapshot.eval_fraction) and 0.0 <= snapshot.eval_fraction <= 0.9):
         raise RecordError(
             f"{field}.eval_fraction", f"{snapshot.eval_fraction} not in [0, 0.9]", "bad_snapshot"
