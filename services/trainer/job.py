@@ -440,7 +440,8 @@ class TrainJob:
                 self.message = f"final checkpoint: {self.final_path}"
             elif self._stop_reason:
                 self.message = f"stopped at step {self.step} ({self._stop_reason}); resume with --resume"
-        log.info("%s job %s: %s", self.kind, self.job_id, self.message or "done")
+        if self.is_main:
+            log.info("%s job %s: %s", self.kind, self.job_id, self.message or "done")
         if self._entered:
             self._close()
 
