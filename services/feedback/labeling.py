@@ -359,6 +359,7 @@ class LabelingQueue:
         raise FailedPrecondition("labeler_id: could not claim a task (concurrent claims); retry")
 
     def _next_task(self, labeler_id: str) -> Task | None:
+        # Every transaction below locks at most one task row, so two claimers can never deadlock.
         now = _now_us()
         with self._claim_tx() as conn:
             current = conn.execute(
@@ -366,7 +367,8 @@ class LabelingQueue:
                 .where(assignments.c.labeler_id == labeler_id, assignments.c.status == "assigned")
                 .order_by(assignments.c.assigned_at_us)
             ).all()
-            for task_id, expires in current:
+        for task_id, expires in current:
+            with self._claim_tx() as conn:
                 if expires > now:
                     row = conn.execute(sa.select(tasks).where(tasks.c.id == task_id)).mappings().first()
                     return _task(row, expires)
@@ -375,32 +377,38 @@ class LabelingQueue:
                     self._set_assignment(conn, task_id, labeler_id, lease_expires_us=now + self.lease_us)
                     return _task(row, now + self.lease_us)
                 self._set_assignment(conn, task_id, labeler_id, status="expired")
-            mine = sa.select(assignments.c.task_id).where(
-                assignments.c.task_id == tasks.c.id, assignments.c.labeler_id == labeler_id
+        mine = sa.select(assignments.c.task_id).where(
+            assignments.c.task_id == tasks.c.id, assignments.c.labeler_id == labeler_id
+        )
+        active = (
+            sa.select(sa.func.count())
+            .select_from(assignments)
+            .where(
+                assignments.c.task_id == tasks.c.id,
+                sa.or_(
+                    assignments.c.status == "done",
+                    sa.and_(assignments.c.status == "assigned", assignments.c.lease_expires_us > now),
+                ),
             )
-            active = (
-                sa.select(sa.func.count())
-                .select_from(assignments)
-                .where(
-                    assignments.c.task_id == tasks.c.id,
-                    sa.or_(
-                        assignments.c.status == "done",
-                        sa.and_(assignments.c.status == "assigned", assignments.c.lease_expires_us > now),
-                    ),
-                )
-                .scalar_subquery()
+            .scalar_subquery()
+        )
+        tried: list[str] = []
+        while True:
+            q = sa.select(tasks).where(
+                tasks.c.judgments < tasks.c.redundancy, ~sa.exists(mine), active < tasks.c.redundancy
             )
-            tried: list[str] = []
-            while True:
-                q = sa.select(tasks).where(
-                    tasks.c.judgments < tasks.c.redundancy, ~sa.exists(mine), active < tasks.c.redundancy
-                )
-                if tried:
-                    q = q.where(tasks.c.id.not_in(tried))
-                q = q.order_by(tasks.c.seq).limit(1)
+            if tried:
+                q = q.where(tasks.c.id.not_in(tried))
+            q = q.order_by(tasks.c.seq).limit(1)
+            with self._claim_tx() as conn:
                 if self._pg:
-                    q = q.with_for_update(skip_locked=True, of=tasks)
-                row = conn.execute(q).mappings().first()
+                    # Skip the rows other claimers hold; only when every candidate is held, wait for one
+                    # (near the end of the queue, a held task may still have room once its claim commits).
+                    row = conn.execute(q.with_for_update(skip_locked=True, of=tasks)).mappings().first()
+                    if row is None:
+                        row = conn.execute(q.with_for_update(of=tasks)).mappings().first()
+                else:
+                    row = conn.execute(q).mappings().first()
                 if row is None:
                     return None
                 # The row is locked now: count again in a new statement, which sees every claim committed
