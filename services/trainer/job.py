@@ -446,6 +446,16 @@ class TrainJob:
             self._close()
 
     @property
+    def port(self) -> int:
+        """The TrainerService port (0 when not serving)."""
+        return self._server.port if self._server else 0
+
+    @property
+    def metrics_port(self) -> int:
+        """The /metrics port (-1 when disabled or not serving)."""
+        return self._server.handle.metrics_port if self._server and self._server.handle else -1
+
+    @property
     def job_id(self) -> str:
         return self.run_dir.name
 

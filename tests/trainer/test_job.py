@@ -134,3 +134,24 @@ def test_save_checkpoint_after_the_end_is_refused(tmp_path):
         job.request_checkpoint().result(timeout=5)
     assert "ended" in str(info.value)
     assert grpc.StatusCode.FAILED_PRECONDITION == info.value.code
+
+
+def test_prometheus_metrics_follow_the_contract(tmp_path):
+    import urllib.request
+
+    pages = []
+
+    def scrape(job):
+        if job.step == 3:
+            with job.phase("generate"):
+                pass
+            url = f"http://127.0.0.1:{job.metrics_port}/metrics"
+            pages.append(urllib.request.urlopen(url, timeout=10).read().decode())
+
+    _toy_run(_cfg(tmp_path / "m", metrics_port=0), total=4, on_step=scrape)
+    page = pages[0]
+    assert 'rlhf_trainer_step{job="sft"} 3.0' in page
+    assert 'rlhf_trainer_loss{job="sft",split="train"}' in page
+    assert 'rlhf_trainer_loss{job="sft",split="eval"} 1.0' in page
+    assert 'rlhf_trainer_phase_seconds{job="sft",phase="generate"}' in page
+    assert 'rlhf_server_ready{service="rlhf.v1.TrainerService"} 1.0' in page
