@@ -30,13 +30,21 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from rlhf.core.errors import InvalidArgument, ServiceError
 from rlhf.feedback import records as rec
-from rlhf.feedback.validation import DEFAULT_SCALE
+from rlhf.feedback.validation import (
+    DEFAULT_SCALE,
+    Limits,
+    check_comparison,
+    check_demonstration,
+    check_prompt_record,
+    check_rating,
+)
 from rlhf.v1 import feedback_pb2
 
 COMMON = ("labeler_id", "metadata", "idempotency_key")
@@ -430,10 +438,37 @@ def _with_line(message: str, batch: list[ParsedLine]) -> str:
     return message
 
 
+# A server's text limit is its own (max_text_chars); the other limits are the contract's, the same everywhere.
+CONTRACT_LIMITS = Limits(max_text_chars=sys.maxsize, max_batch_size=sys.maxsize)
+CHECKS = {
+    "prompt": check_prompt_record,
+    "demonstration": check_demonstration,
+    "comparison": check_comparison,
+    "rating": check_rating,
+}
+
+
+def check_lines(parsed: list[ParsedLine], limits: Limits = CONTRACT_LIMITS) -> None:
+    """Validate every line as the store will, before anything is written; the first bad one raises
+    :class:`LineError` naming its line and field."""
+    for item in parsed:
+        try:
+            CHECKS[item.kind](item.message, item.kind, limits)
+        except ServiceError as exc:
+            raise LineError(f"line {item.line_no}", exc.message) from None
+
+
 def import_records(parsed: list[ParsedLine], sink, batch_size: int = 1000) -> ImportSummary:
-    """Write parsed lines to ``sink`` (a FeedbackStore or a FeedbackClient): atomic, idempotent batches."""
+    """Write parsed lines to ``sink`` (a FeedbackStore or a FeedbackClient): atomic, idempotent batches.
+
+    Every line is validated first (with the store's limits, or the contract's for a server), so that a bad
+    line anywhere in the file writes nothing; only what needs the database (a conflicting idempotency key,
+    an unknown prompt id) or a server's own text limit can stop an import after some batches, and re-running
+    the import after fixing the line then completes it without duplicates.
+    """
     import grpc  # light, but only needed here
 
+    check_lines(parsed, getattr(sink, "limits", None) or CONTRACT_LIMITS)
     summary = ImportSummary(lines=len(parsed))
     for batch in _runs(parsed, batch_size):
         kind = batch[0].kind
