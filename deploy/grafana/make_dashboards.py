@@ -314,9 +314,10 @@ def reward_dashboard() -> dict:
                 ],
             ),
             panel(
-                "Mean raw score returned",
-                [mean_of_histogram("rlhf_reward_score")],
-                description="Watch for drift: a policy exploiting the reward model pushes it up.",
+                "Raw score p10 / p50 / p90",
+                quantiles("rlhf_reward_score", "", qs=(0.1, 0.5, 0.9)),
+                description="Watch for drift: a policy exploiting the reward model pushes it up. (Scores can be "
+                "negative, so the client exports no _sum: quantiles come from the buckets.)",
             ),
             panel(
                 "Score distribution",
@@ -342,7 +343,7 @@ def feedback_dashboard() -> dict:
     return dashboard(
         "rlhf-feedback",
         "RLHF / Feedback store",
-        "rlhf.v1.FeedbackService: records written and rejected, write/read latency, store size.",
+        "rlhf.v1.FeedbackService: records written and rejected, write/read latency, store size, labeling queue.",
         [
             panel(
                 "Records written per second by kind",
@@ -379,6 +380,21 @@ def feedback_dashboard() -> dict:
             ),
             panel(
                 "Store size", [target(f"max(rlhf_feedback_store_size_bytes{{{NS}}})", "bytes")], unit="bytes"
+            ),
+            panel(
+                "Labeling: judgments per minute",
+                [target(f"sum(rate(rlhf_labeling_judgments_total{{{NS}}}{RATE})) * 60", "judgments/min")],
+                description="From the labeling web page (feedback labeling_port).",
+            ),
+            panel(
+                "Labeling: time per judgment p50 / p99",
+                quantiles("rlhf_labeling_judgment_seconds", ""),
+                unit="s",
+            ),
+            panel(
+                "Labeling: judgments still wanted",
+                [target(f"max(rlhf_labeling_queue_depth{{{NS}}})", "queue")],
+                w=24,
             ),
         ],
     )

@@ -422,7 +422,13 @@ def test_alert_rules_and_dashboards_use_only_contract_metric_names(contract, pro
                 assert names <= allowed, (path.name, panel["title"], names - allowed)
                 used |= names
     # every service's own metrics appear somewhere
-    for family in (contract.GENERATION, contract.REWARD, contract.FEEDBACK, contract.TRAINER):
+    for family in (
+        contract.GENERATION,
+        contract.REWARD,
+        contract.FEEDBACK,
+        contract.LABELING,
+        contract.TRAINER,
+    ):
         for name, kind in family.items():
             forms = {name} if kind != "histogram" else {f"{name}_{s}" for s in ("bucket", "sum", "count")}
             assert forms & used, f"{name} is on no dashboard and in no alert"
