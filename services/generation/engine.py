@@ -228,6 +228,7 @@ class Engine:
                 eos.update(int(x) for x in source)
         self.eos_ids = frozenset(eos)
         self._keep_arg = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
 
         self._cv = threading.Condition()
         self._waiting: deque[EngineRequest] = deque()
@@ -353,10 +354,22 @@ class Engine:
             m.REQUESTS_WAITING.set(len(self._waiting))
         return admitted
 
+    def _attention_mask(self, mask: torch.Tensor, query_len: int):
+        """The mask to pass: 2D when nothing is padded; with padding, the boolean 4D mask transformers would build
+        for SDPA (True = attend), made here in a few tensor ops instead of its much slower vmap construction."""
+        if not self._sdpa or bool(mask.all()):
+            return mask
+        keys = mask.bool()[:, None, None, :]  # (batch, 1, 1, kv)
+        if query_len == 1:
+            return keys
+        kv = mask.shape[1]
+        causal = torch.ones(query_len, kv, dtype=torch.bool).tril(kv - query_len)
+        return keys & causal[None, None]
+
     def _forward(self, input_ids, attention_mask, position_ids, cache):
         kwargs = dict(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=self._attention_mask(attention_mask, input_ids.shape[1]),
             position_ids=position_ids,
             past_key_values=cache,
             use_cache=True,
