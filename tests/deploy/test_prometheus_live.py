@@ -78,16 +78,14 @@ class Prom:
             return False
 
 
-def start_trainer(kind: str, workdir: Path, model: str, data_file: str) -> tuple[subprocess.Popen, dict]:
+def start_trainer(kind: str, workdir: Path, args: list[str]) -> tuple[subprocess.Popen, dict]:
     """A trainer job with a large step budget (stopped with SIGTERM by the test); returns its ports."""
     port_file = workdir / f"{kind}.ports.json"
     argv = [
-        sys.executable, "-m", "rlhf.cli", "train", kind,
-        "--model", model, "--data-file", data_file, "--run-dir", str(workdir / f"run-{kind}"),
-        "--max-steps", "100000", "--batch-size", "4", "--micro-batch-size", "4", "--max-length", "64",
-        "--eval-every", "2", "--checkpoint-every", "0", "--eval-fraction", "0.25", "--no-progress",
-        "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-        "--port-file", str(port_file), "--torch-threads", "1",
+        sys.executable, "-m", "rlhf.cli", "train", kind, *args, "--run-dir", str(workdir / f"run-{kind}"),
+        "--max-steps", "100000", "--max-length", "64", "--eval-every", "2", "--checkpoint-every", "0",
+        "--no-progress", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
+        "--metrics-port", "0", "--port-file", str(port_file), "--torch-threads", "1",
     ]  # fmt: skip
     with open(workdir / f"{kind}.log", "wb") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -292,11 +290,24 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_prometheus(
                     args=[*common, "--model", str(tiny_lm_path), "--max-queue", "1", "--max-batch-size", "2"],
                 )
                 targets["generation"] = [generation.metrics_port]
-            for kind, model, data in [
-                ("sft", tiny_lm_path, sft_data),
-                ("reward-model", tiny_lm_path, rm_data),
-            ]:
-                proc, ports = start_trainer(kind, tmp_path, str(model), data)
+            fit = ["--model", str(tiny_lm_path), "--batch-size", "4", "--micro-batch-size", "4"]
+            fit += ["--eval-fraction", "0.25"]
+            jobs = [
+                ("sft", [*fit, "--data-file", sft_data]),
+                ("reward-model", [*fit, "--data-file", rm_data]),
+            ]
+            if with_generation:  # PPO against the services above: the PPO panels and alerts get data too
+                jobs.append(
+                    (
+                        "ppo",
+                        ["--model", str(tiny_lm_path), "--data-file", sft_data, "--batch-size", "2",
+                         "--micro-batch-size", "2", "--response-length", "8", "--push-dir", str(tmp_path / "push"),
+                         "--generation-target", generation.target, "--generation-token", TOKEN,
+                         "--reward-target", reward.target, "--reward-token", TOKEN],
+                    )
+                )  # fmt: skip
+            for kind, args in jobs:
+                proc, ports = start_trainer(kind, tmp_path, args)
                 trainers.append(proc)
                 targets["trainer"].append(ports["metrics_port"])
 
@@ -340,8 +351,7 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_prometheus(
             not_covered = {
                 where: needs(expr, contract)
                 for where, expr in queries
-                if needs(expr, contract) == "ppo"
-                or (needs(expr, contract) == "generation" and not with_generation)
+                if needs(expr, contract) in ("ppo", "generation") and not with_generation
             }
             pending = {(w, e) for w, e in queries if w not in not_covered}
             # Wait (bounded) until Prometheus has scraped the traffic: rates need two samples after it.
