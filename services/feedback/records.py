@@ -61,8 +61,17 @@ def derived_prompt_key(prompt_payload: dict) -> str:
 
 
 def content_hash(payload: dict, labeler_id: str, prompt_id: str) -> str:
-    """What must match for a replayed idempotency key to count as the same record."""
-    return sha256_hex(canonical_json({"p": payload, "l": labeler_id, "pid": prompt_id}))
+    """What must match for a replayed idempotency key to count as the same record: the SHA-256 of
+    ``canonical_json({"p": payload, "l": labeler_id, "pid": prompt_id})``."""
+    return content_hash_of_json(canonical_json(payload), labeler_id, prompt_id)
+
+
+def content_hash_of_json(payload_json: str, labeler_id: str, prompt_id: str) -> str:
+    """:func:`content_hash` from the payload's canonical JSON (the store encodes each payload once): the
+    same bytes as the canonical JSON of the whole object, whose sorted keys are "l" < "p" < "pid"."""
+    return sha256_hex(
+        f'{{"l":{canonical_json(labeler_id)},"p":{payload_json},"pid":{canonical_json(prompt_id)}}}'
+    )
 
 
 # ---- proto -> payload -------------------------------------------------------------------------------------

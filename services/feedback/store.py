@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -72,6 +73,7 @@ class _Row:
     prompt_id: str | None
     payload: dict
     derived_key: bool = False
+    payload_json: str = ""  # canonical JSON of payload: hashed, then stored as is (encoded once)
 
 
 @dataclass
@@ -160,12 +162,17 @@ class FeedbackStore:
                 connect_args={"timeout": busy_timeout_seconds, "check_same_thread": False},
                 pool_size=pool_size,
                 max_overflow=pool_max_overflow,
+                json_serializer=_json_serializer,
             )
             _configure_sqlite(self.engine, busy_timeout_seconds)
         else:
             self.sqlite_path = None
             self.engine = sa.create_engine(
-                self.url, pool_size=pool_size, max_overflow=pool_max_overflow, pool_pre_ping=True
+                self.url,
+                pool_size=pool_size,
+                max_overflow=pool_max_overflow,
+                pool_pre_ping=True,
+                json_serializer=_json_serializer,
             )
         self._write_engine = self.engine.execution_options(rlhf_write=True)
         if migrate:
@@ -303,15 +310,17 @@ class FeedbackStore:
     def _row(self, index, kind, key, payload, labeler_id, prompt_id, derived=False) -> _Row:
         if payload.get("prompt") is None:
             payload.pop("prompt", None)
+        payload_json = rec.canonical_json(payload)
         return _Row(
             index=index,
             key=key,
             id=rec.record_id(kind, key),
-            content_hash=rec.content_hash(payload, labeler_id, prompt_id),
+            content_hash=rec.content_hash_of_json(payload_json, labeler_id, prompt_id),
             labeler_id=labeler_id or None,
             prompt_id=prompt_id or None,
             payload=payload,
             derived_key=derived,
+            payload_json=payload_json,
         )
 
     def _write(self, kind: str, field_name: str, rows: list[_Row]) -> feedback_pb2.WriteResult:
@@ -354,7 +363,7 @@ class FeedbackStore:
                 labeler_id=r.labeler_id,
                 prompt_id=r.prompt_id,
                 created_at_us=now,
-                payload=r.payload,
+                payload=_RawJSON(r.payload_json) if r.payload_json else r.payload,
             )
             for r in unique
         ]
@@ -409,6 +418,7 @@ class FeedbackStore:
                 )
             if row.prompt_id and "prompt" not in row.payload:
                 row.payload["prompt"] = found[row.prompt_id]
+                row.payload_json = rec.canonical_json(row.payload)
 
     def _ensure_labelers(self, conn, field_name: str, rows: list[_Row], now: int) -> list[str]:
         """Check (require_known_labelers) or create the batch's labelers; returns the ids now known."""
@@ -629,6 +639,15 @@ class FeedbackStore:
                 sa.select(snapshots).order_by(snapshots.c.created_at_us.desc(), snapshots.c.name)
             ).mappings()
             return [_snapshot_message(r) for r in rows]
+
+
+class _RawJSON(str):
+    """JSON text that is already encoded (a record's canonical payload): stored as is."""
+
+
+def _json_serializer(value) -> str:
+    """The engines' JSON encoder: plain json.dumps, except for text that is already JSON."""
+    return value if type(value) is _RawJSON else json.dumps(value)
 
 
 def _now_us() -> int:

@@ -190,3 +190,14 @@ def test_cursor_round_trip_and_malformed_cursors():
     for bad in ["", "nope", "djE6LTE", "!!!", "x" * 100, encode_cursor(5) + "A"]:
         with pytest.raises(InvalidArgument, match="cursor"):
             decode_cursor(bad)
+
+
+def test_content_hash_from_encoded_payload_is_the_hash_of_the_whole_object():
+    """The store hashes each payload's canonical JSON once; that must stay the documented hash."""
+    payload = rec.comparison_payload(
+        good_comparison(prompt=[{"role": "user", "content": 'héllo "q"\n'}], reason="🙂", metadata={"b": "1"})
+    )
+    for labeler, prompt_id in [("alice", ""), ("", "pr_1"), ("", "")]:
+        whole = rec.sha256_hex(rec.canonical_json({"p": payload, "l": labeler, "pid": prompt_id}))
+        assert rec.content_hash(payload, labeler, prompt_id) == whole
+        assert rec.content_hash_of_json(rec.canonical_json(payload), labeler, prompt_id) == whole
