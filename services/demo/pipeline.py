@@ -277,31 +277,39 @@ def generate(
     desc: str,
     progress: bool,
 ) -> list[list[Generated]]:
-    """``n`` samples per prompt from the generation service, in requests of ``batch`` prompts."""
-    out: list[list[Generated]] = []
-    with _bar(len(prompts) * n, desc, progress) as bar:
-        for start in range(0, len(prompts), batch):
-            chunk = list(prompts[start : start + batch])
-            samples = policy.generate(
-                chunk,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                seed=seed + start,
-                n=n,
+    """``n`` samples per prompt from the generation service.
+
+    One request per prompt, ``batch`` of them in flight at once (the service batches concurrent requests into
+    shared forward passes). Each prompt has its own seed (``seed`` + its index): the service seeds a sample
+    from (request seed, sample index), so prompts sharing one request would share their random draws.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(index: int) -> list[Generated]:
+        samples = policy.generate(
+            [prompts[index]],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed * 100_003 + index,
+            n=n,
+            return_prompt_token_ids=False,
+        )
+        return [
+            Generated(
+                prompt=prompts[index],
+                text=s.text,
+                token_ids=list(s.token_ids),
+                logprobs=list(s.logprobs),
+                finished=sample_finished(s),
             )
-            groups: list[list[Generated]] = [[] for _ in chunk]
-            for s in samples:
-                groups[s.prompt_index].append(
-                    Generated(
-                        prompt=chunk[s.prompt_index],
-                        text=s.text,
-                        token_ids=list(s.token_ids),
-                        logprobs=list(s.logprobs),
-                        finished=sample_finished(s),
-                    )
-                )
-            out.extend(groups)
-            bar.update(len(samples))
+            for s in samples
+        ]
+
+    out: list[list[Generated]] = []
+    with _bar(len(prompts) * n, desc, progress) as bar, ThreadPoolExecutor(max_workers=max(1, batch)) as pool:
+        for group in pool.map(one, range(len(prompts))):
+            out.append(group)
+            bar.update(len(group))
     return out
 
 
@@ -410,15 +418,11 @@ def run_demo(cfg) -> DemoOutcome:
         base = base_model_path(cfg, preset, run_dir)
         checkpoints["base"] = str(base)
         common = ["--torch-threads", str(cfg.torch_threads), "--log-level", "WARNING"]
-        feedback = launcher.start(
-            "feedback",
-            ["serve", "feedback"],
-            args=["--database-url", f"sqlite:///{run_dir / 'feedback.db'}", *common],
-        )
-        generation = launcher.start(
-            "generation",
-            ["serve", "generation"],
-            args=[
+        from concurrent.futures import ThreadPoolExecutor
+
+        specs = {
+            "feedback": ["--database-url", f"sqlite:///{run_dir / 'feedback.db'}", *common],
+            "generation": [
                 "--model",
                 str(base),
                 "--max-batch-size",
@@ -427,8 +431,16 @@ def run_demo(cfg) -> DemoOutcome:
                 str(max(64, preset.max_new_tokens)),
                 *common,
             ],
-        )
-        reward = launcher.start("reward", ["serve", "reward"], args=[*common])
+            "reward": [*common],
+        }
+        # started side by side: each spends its first seconds importing torch and loading a model
+        with ThreadPoolExecutor(max_workers=len(specs)) as starter:
+            futures = {
+                name: starter.submit(launcher.start, name, ["serve", name], args=args)
+                for name, args in specs.items()
+            }
+            started = {name: f.result() for name, f in futures.items()}
+        feedback, generation, reward = started["feedback"], started["generation"], started["reward"]
         results["services"] = {name: s.target for name, s in launcher.services.items()}
         clock.end()
 
