@@ -56,7 +56,7 @@ class PreparedRequest:
 
 
 def check_params(params: policy_pb2.SamplingParams, limits: Limits) -> SamplingParams:
-    max_new = params.max_new_tokens or limits.default_max_new_tokens
+    max_new = params.max_new_tokens or min(limits.default_max_new_tokens, limits.max_new_tokens_limit)
     require(
         max_new <= limits.max_new_tokens_limit,
         "params.max_new_tokens",
