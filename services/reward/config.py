@@ -25,7 +25,7 @@ class RewardConfig(ServerConfig):
     model: str | None = Field(
         None,
         description="Reward-model checkpoint folder (HF sequence classifier with one label, tokenizer, "
-        "rlhf_reward.json), as written by `rlhf train reward-model`.",
+        "rlhf_reward.json), as written by `rlhf train reward-model`. Unset: serve no model until a LoadModel call.",
     )
     version: str | None = Field(
         None,
@@ -70,7 +70,7 @@ class RewardConfig(ServerConfig):
     )
     allow_load_model: bool = Field(True, description="Accept LoadModel (hot swap) calls.")
     model_roots: list[str] = Field(
-        default_factory=list,
+        [],
         description="When set, LoadModel only accepts checkpoint folders under one of these directories.",
     )
 

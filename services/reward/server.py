@@ -5,6 +5,8 @@
 - LoadModel: load and trial-score the new checkpoint on a loader thread while the old model keeps serving, then
   swap the reference. Calls already queued finish on the old model; a checkpoint that fails is rejected
   (INVALID_ARGUMENT for a bad path, FAILED_PRECONDITION for a folder that does not load) and nothing changes.
+- Started without --model, the server is SERVING but Score / GetModelInfo answer FAILED_PRECONDITION until a
+  LoadModel call brings a model (the demo starts it before the reward model is trained).
 - Auth (bearer tokens from auth_token / auth_token_file / RLHF_AUTH_TOKEN), TLS, health, reflection and the
   per-RPC metrics come from rlhf.core.server.
 """
@@ -23,7 +25,7 @@ import torch  # noqa: F401  (imported before run_server so it applies torch_thre
 from google.protobuf import message as pb_message
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from rlhf.core.errors import FailedPrecondition, InvalidArgument, ServiceError, Unavailable, require
+from rlhf.core.errors import FailedPrecondition, InvalidArgument, ServiceError, require
 from rlhf.core.models import set_torch_threads
 from rlhf.core.server import ServerHandle, ServiceDef, serve_forever
 from rlhf.reward import metrics, scoring
@@ -68,15 +70,16 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     async def load(self, handle: ServerHandle | None = None) -> None:
         set_torch_threads(self.config.torch_threads)
         self._load_lock = asyncio.Lock()
+        self.batcher.start()
         if not self.config.model:
-            raise ValueError("no reward model configured: pass --model CHECKPOINT (or RLHF_REWARD_MODEL)")
+            log.warning("no --model: serving without a reward model until a LoadModel call brings one")
+            return
         try:
             loaded = await self._run(self._loader, self._load, self.config.model, self.config.version)
         except Exception:
             metrics.MODEL_LOADS.labels("failure").inc()
             raise
         self._activate(loaded)
-        self.batcher.start()
         log.info("serving reward model %s (version %s)", loaded.path, loaded.version)
 
     async def shutdown(self, handle: ServerHandle | None = None) -> None:
@@ -107,7 +110,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     def _model(self) -> scoring.LoadedModel:
         if self.current is None:
-            raise Unavailable("no reward model loaded yet; retry shortly")
+            raise FailedPrecondition("no reward model is loaded: start with --model or call LoadModel first")
         return self.current
 
     # ---- RPCs -----------------------------------------------------------------------------------------
@@ -176,7 +179,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                 log.warning("rejected reward checkpoint %s: %s", path, exc)
                 raise FailedPrecondition(
                     f"path: {path} cannot be served ({type(exc).__name__}: {exc}); still serving "
-                    f"{self._model().version}"
+                    f"{self.current.version if self.current else 'no model'}"
                 ) from None
             previous = self._activate(loaded)
         log.info("hot-swapped reward model %s -> %s (%s)", previous, loaded.version, path)

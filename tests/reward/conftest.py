@@ -34,7 +34,7 @@ def running_server(model, **config_kw):
     """A reward server in a background thread of this process (port 0), stopped on exit."""
     config = RewardConfig(
         **{
-            "model": str(model),
+            "model": str(model) if model else None,
             "host": "127.0.0.1",
             "port": 0,
             "metrics_port": -1,

@@ -339,3 +339,16 @@ def test_async_client(server, ref):
     assert info.version == detailed.model_version == "tiny-v1"
     for pair, (score,) in zip(PAIRS, scores, strict=True):
         assert score == pytest.approx(ref.score(*pair), abs=1e-5)
+
+
+def test_server_without_a_model_waits_for_load_model(rm_with_stats, ref):
+    with (
+        running_server(None) as server,
+        server.client(retry=RetryPolicy(retry_timeout=0)) as client,
+    ):
+        for call in (lambda: client.score([PAIRS[0]]), client.model_info):
+            err = rpc_error(call)
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "LoadModel" in err.details()
+        swap = client.load_model(str(rm_with_stats))
+        assert swap.previous_version == "" and swap.model.version == "tiny-v1"
+        assert client.score([PAIRS[1]])[0] == pytest.approx(ref.score(*PAIRS[1]), abs=1e-5)
