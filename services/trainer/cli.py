@@ -12,7 +12,18 @@ from rlhf.trainer import config as trainer_config
 from rlhf.trainer.config import RewardModelConfig, SFTConfig
 
 
-def _report(kind: str, path) -> int:
+def _report(kind: str, run, cfg) -> int:
+    """Run the job; print where its model went, or a one-line error (exit 2) for bad data or settings."""
+    from rlhf.core.errors import ServiceError
+
+    try:
+        path = run(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"{kind}: {exc}", file=sys.stderr)
+        return 2
+    except ServiceError as exc:
+        print(f"{kind}: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 2
     print(f"{kind}: {path}", file=sys.stderr)
     return 0
 
@@ -20,19 +31,19 @@ def _report(kind: str, path) -> int:
 def _run_sft(cfg: SFTConfig) -> int:
     from rlhf.trainer.sft import run_sft
 
-    return _report("sft model", run_sft(cfg))
+    return _report("sft model", run_sft, cfg)
 
 
 def _run_reward_model(cfg: RewardModelConfig) -> int:
     from rlhf.trainer.reward_model import run_reward_model
 
-    return _report("reward model", run_reward_model(cfg))
+    return _report("reward model", run_reward_model, cfg)
 
 
 def _run_ppo(cfg) -> int:
     from rlhf.trainer.ppo import run_ppo
 
-    return _report("ppo policy", run_ppo(cfg))
+    return _report("ppo policy", run_ppo, cfg)
 
 
 _JOB_HELP = (

@@ -41,6 +41,24 @@ def plan_steps(cfg: TrainJobConfig, num_examples: int, world_size: int = 1) -> S
     return StepPlan(steps_per_epoch, total, cfg.batch_size)
 
 
+def check_resumed_plan(train_state: dict, plan: StepPlan, num_examples: int) -> None:
+    """A resumed run must read the same batches: same global batch size and training set size."""
+    from rlhf.core.errors import FailedPrecondition
+
+    saved = (train_state.get("batch_size"), train_state.get("num_examples"))
+    if train_state and saved != (plan.batch_size, num_examples):
+        raise FailedPrecondition(
+            f"resume: the checkpoint was taken with batch_size={saved[0]} over {saved[1]} examples, this run "
+            f"has batch_size={plan.batch_size} over {num_examples}; the data order would not continue"
+        )
+
+
+def plan_state(plan: StepPlan, step: int, num_examples: int) -> dict:
+    """The data position saved with a checkpoint after ``step`` steps."""
+    epoch, index = plan.position(step)
+    return {"epoch": epoch, "batch": index, "batch_size": plan.batch_size, "num_examples": num_examples}
+
+
 def batch_indices(plan: StepPlan, step: int, num_examples: int, seed: int) -> list[int]:
     """Indices of the global batch of ``step`` (0-based): a fresh permutation per epoch."""
     epoch, index = plan.position(step)

@@ -36,10 +36,12 @@ from rlhf.trainer.data import encode_scored_text, load_comparisons, pad_right
 from rlhf.trainer.job import TrainJob
 from rlhf.trainer.loop import (
     batch_indices,
+    check_resumed_plan,
     chunks,
     clip_gradients,
     make_optimizer,
     make_scheduler,
+    plan_state,
     plan_steps,
 )
 
@@ -153,7 +155,7 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
             job.track("model", model, tokenizer=tokenizer)
             job.track("optimizer", optimizer)
             job.track("scheduler", scheduler)
-            job.resume()
+            check_resumed_plan(job.resume(), plan, len(train))
             pad_id = tokenizer.pad_token_id
 
             while not job.done:
@@ -189,7 +191,7 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
                         "grad_norm": grad_norm,
                         "learning_rate": scheduler.get_last_lr()[0],
                     },
-                    train_state={"epoch": epoch, "batch": index + 1},
+                    train_state=plan_state(plan, job.step + 1, len(train)),
                     tokens=int(n_tokens),
                     epoch=epoch,
                     evaluate=lambda: evaluate_pairs(scorer, evals, cfg, info, pad_id),

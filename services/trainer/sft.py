@@ -24,10 +24,12 @@ from rlhf.trainer.data import encode_sft_example, load_demonstrations, pad_right
 from rlhf.trainer.job import TrainJob
 from rlhf.trainer.loop import (
     batch_indices,
+    check_resumed_plan,
     chunks,
     clip_gradients,
     make_optimizer,
     make_scheduler,
+    plan_state,
     plan_steps,
 )
 
@@ -125,7 +127,7 @@ def run_sft(cfg: SFTConfig) -> Path:
             job.track("model", model, tokenizer=tokenizer)
             job.track("optimizer", optimizer)
             job.track("scheduler", scheduler)
-            job.resume()
+            check_resumed_plan(job.resume(), plan, len(train))
             pad_id = tokenizer.pad_token_id
 
             def evaluate() -> dict:
@@ -164,7 +166,7 @@ def run_sft(cfg: SFTConfig) -> Path:
                         "grad_norm": grad_norm,
                         "learning_rate": scheduler.get_last_lr()[0],
                     },
-                    train_state={"epoch": epoch, "batch": index + 1},
+                    train_state=plan_state(plan, job.step + 1, len(train)),
                     tokens=int(n_tokens),
                     epoch=epoch,
                     evaluate=evaluate,

@@ -51,7 +51,7 @@ def test_sft_and_pairs_from_a_snapshot_on_a_feedback_server(tmp_path, tiny_lm_pa
             progress=False,
             max_steps=3,
             eval_every=0,
-            torch_threads=2,
+            torch_threads=1,
         )
         final = run_sft(cfg)
     assert (final / "model.safetensors").exists()

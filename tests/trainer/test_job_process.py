@@ -211,7 +211,7 @@ def test_resume_without_checkpoint_starts_from_step_zero(tmp_path, tiny_lm_path,
         progress=False,
         max_steps=2,
         resume=True,
-        torch_threads=2,
+        torch_threads=1,
     )
     assert run_sft(cfg) == tmp_path / "new" / "final"
     assert [h["step"] for h in read_metrics(tmp_path / "new")] == [1, 2]

@@ -37,7 +37,7 @@ def test_reward_model_learns_a_known_preference(tmp_path, tiny_lm_path, preferen
         learning_rate=3e-3,
         eval_every=20,
         checkpoint_every=0,
-        torch_threads=2,
+        torch_threads=1,
     )
     final = run_reward_model(cfg)
 

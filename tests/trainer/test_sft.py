@@ -27,7 +27,7 @@ def sft_config(tiny_lm_path, data_file, run_dir, **kw) -> SFTConfig:
         eval_every=10,
         checkpoint_every=0,
         eval_fraction=0.25,
-        torch_threads=2,
+        torch_threads=1,
     )
     base.update(kw)
     return SFTConfig(**base)
@@ -59,3 +59,29 @@ def test_micro_batches_give_the_same_step_as_one_batch(tmp_path, tiny_lm_path, s
     a, b = load_causal_lm(one).state_dict(), load_causal_lm(four).state_dict()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path, tiny_lm_path, sft_jsonl):
+    import pytest
+
+    from rlhf.core.errors import FailedPrecondition
+
+    run_sft(
+        sft_config(tiny_lm_path, sft_jsonl, tmp_path / "r", max_steps=2, checkpoint_every=1, eval_every=0)
+    )
+    with pytest.raises(FailedPrecondition, match="batch_size=8"):
+        run_sft(sft_config(tiny_lm_path, sft_jsonl, tmp_path / "r", max_steps=4, batch_size=4, resume=True))
+
+
+def test_cli_names_the_problem_with_the_data(tmp_path, tiny_lm_path, capsys):
+    from rlhf.cli import main
+
+    missing = str(tmp_path / "nope.jsonl")
+    code = main(["train", "sft", "--model", str(tiny_lm_path), "--data-file", missing, "--no-serve"])
+    assert code == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    tiny = tmp_path / "two.jsonl"
+    tiny.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n')
+    args = ["train", "sft", "--model", str(tiny_lm_path), "--data-file", str(tiny), "--no-serve"]
+    assert main([*args, "--run-dir", str(tmp_path / "x"), "--metrics-port", "-1"]) == 2
+    assert "batch_size: 8 is larger than the training set" in capsys.readouterr().err
