@@ -66,6 +66,10 @@ MATRIX["hpa+pvc-models+existing-auth"] = {
     "auth": {"existingSecret": "my-token"},
     "trainer": {"checkpoints": {"existingClaim": "ckpts"}, "activeDeadlineSeconds": 86400},
 }
+MATRIX["labeling+reward-model-set"] = {
+    "feedback": {"labeling": {"enabled": True, "tokensSecret": "labelers", "admins": ["ann"]}},
+    "reward": {"model": "/checkpoints/reward-model/final"},
+}
 MATRIX["auth-off,init-off"] = {
     "auth": {"enabled": False},
     "models": {"init": {"enabled": False}, "volumeType": "persistentVolumeClaim", "existingClaim": "weights"},
@@ -309,7 +313,7 @@ def test_rendered_config_files_load_into_the_services_config_classes(render, tmp
     values = {
         "generation": {"config": {"max_batch_size": 16, "dtype": "bfloat16"}},
         "reward": {"config": {"truncation": "truncate_left"}},
-        "feedback": {"config": {"pool_size": 10}},
+        "feedback": {"config": {"pool_size": 10}, "labeling": {"enabled": True, "tokensSecret": "labelers"}},
         "trainer": {"jobs": {"sft": {"config": {"max_steps": 100, "snapshot": "demos-v1"}}}},
     }
     files = _config_files(render(values))
@@ -336,6 +340,10 @@ def test_rendered_config_files_load_into_the_services_config_classes(render, tmp
         assert (gen.port, gen.metrics_port, gen.max_batch_size, gen.dtype) == (50051, 9091, 16, "bfloat16")
     feedback = load_config(FeedbackConfig, tmp_path / "feedback.yaml", environ={})
     assert feedback.database_url_file == "/var/run/secrets/rlhf/database/url" and feedback.pool_size == 10
+    assert (
+        feedback.labeling_port == 8080
+        and feedback.labeling_tokens_file == "/var/run/secrets/rlhf/labeling/tokens"
+    )
     sft = yaml.safe_load(files["trainer-sft.yaml"])
     assert sft["max_steps"] == 100 and sft["run_dir"] == "/checkpoints/sft" and sft["resume"] is True
     assert sft["feedback_target"] == "rlhf-feedback.ml.svc:50053"
@@ -438,6 +446,24 @@ def test_dashboards_are_generated_from_their_script():
     script = DEPLOY_DIR / "grafana" / "make_dashboards.py"
     result = subprocess.run(["python", str(script), "--check"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_labeling_page_is_exposed_only_when_enabled(render):
+    (svc,) = find(render(), "Service", "-feedback")
+    assert "labeling" not in {p["name"] for p in svc["spec"]["ports"]}
+    objects = render({"feedback": {"labeling": {"enabled": True, "tokensSecret": "labelers"}}})
+    (svc,) = find(objects, "Service", "-feedback")
+    assert {p["name"]: p["port"] for p in svc["spec"]["ports"]}["labeling"] == 8080
+    (dep,) = find(objects, "Deployment", "-feedback")
+    vols = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert vols["labeling-tokens"]["secret"]["secretName"] == "labelers"
+
+
+def test_reward_starts_without_a_model_until_one_is_set(render):
+    files = _config_files(render())
+    assert "model" not in yaml.safe_load(files["reward.yaml"])
+    files = _config_files(render({"reward": {"model": "/checkpoints/reward-model/final"}}))
+    assert yaml.safe_load(files["reward.yaml"])["model"] == "/checkpoints/reward-model/final"
 
 
 def test_notes_tell_the_user_how_to_reach_the_services(chart):

@@ -242,3 +242,16 @@ affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* Chart-owned keys of the feedback config: the database URL file and the labeling page. */}}
+{{- define "rlhf.feedbackExtra" -}}
+{{- $l := .Values.feedback.labeling }}
+database_url_file: /var/run/secrets/rlhf/database/url
+labeling_port: {{ ternary (int $l.port) -1 $l.enabled }}
+{{- if and $l.enabled $l.tokensSecret }}
+labeling_tokens_file: /var/run/secrets/rlhf/labeling/tokens
+{{- end }}
+{{- if and $l.enabled $l.admins }}
+labeling_admins: {{ toJson $l.admins }}
+{{- end }}
+{{- end }}

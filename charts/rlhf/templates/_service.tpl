@@ -70,6 +70,11 @@ spec:
             - name: metrics
               containerPort: {{ $v.metricsPort }}
               protocol: TCP
+            {{- if and (eq .component "feedback") $v.labeling.enabled }}
+            - name: labeling
+              containerPort: {{ $v.labeling.port }}
+              protocol: TCP
+            {{- end }}
           env:
             - name: HOME
               value: /tmp
@@ -110,6 +115,11 @@ spec:
               mountPath: /var/run/secrets/rlhf/database
               readOnly: true
             {{- end }}
+            {{- if and .database $v.labeling.enabled $v.labeling.tokensSecret }}
+            - name: labeling-tokens
+              mountPath: /var/run/secrets/rlhf/labeling
+              readOnly: true
+            {{- end }}
       volumes:
         - name: config
           configMap:
@@ -130,6 +140,14 @@ spec:
             items:
               - key: {{ include "rlhf.databaseSecretKey" $root }}
                 path: url
+        {{- end }}
+        {{- if and .database $v.labeling.enabled $v.labeling.tokensSecret }}
+        - name: labeling-tokens
+          secret:
+            secretName: {{ $v.labeling.tokensSecret }}
+            items:
+              - key: tokens
+                path: tokens
         {{- end }}
 {{- end }}
 
@@ -159,6 +177,13 @@ spec:
       targetPort: metrics
       protocol: TCP
       appProtocol: http
+    {{- if and (eq .component "feedback") $v.labeling.enabled }}
+    - name: labeling
+      port: {{ $v.labeling.port }}
+      targetPort: labeling
+      protocol: TCP
+      appProtocol: http
+    {{- end }}
 {{- end }}
 
 {{- define "rlhf.pdbObject" -}}
