@@ -142,6 +142,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             scores = await self.batcher.score(loaded, [e.ids for e in encoded])
         except ServiceError as exc:
             metrics.REQUESTS_REJECTED.labels(rejection_reason(exc)).inc()
+            metrics.REQUEST_DURATION.observe(time.perf_counter() - start)
             raise
         response = reward_pb2.ScoreResponse(model_version=loaded.version)
         for enc, score in zip(encoded, scores, strict=True):

@@ -182,12 +182,12 @@ def test_hot_swap_under_concurrent_load(rm_with_stats, second_rm, ref, tmp_path)
         with ThreadPoolExecutor(6) as pool:
             futures = [pool.submit(caller, k) for k in range(6)]
             with server.client() as admin:
-                while len(seen) < 10:
+                while len(seen) < 10 and not all(f.done() for f in futures):
                     threading.Event().wait(0.01)
                 swap = admin.load_model(str(second_rm))
                 assert swap.previous_version == "tiny-v1" and swap.model.version == "tiny-v2"
                 n_at_swap = len(seen)
-                while len(seen) < n_at_swap + 20:
+                while len(seen) < n_at_swap + 20 and not all(f.done() for f in futures):
                     threading.Event().wait(0.01)
                 stop.set()
             for f in futures:
