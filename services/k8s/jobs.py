@@ -28,6 +28,14 @@ JOBS_TEMPLATE = "templates/trainer/jobs.yaml"
 CONFIG_TEMPLATE = "templates/configmap.yaml"
 
 
+def _helm():
+    try:
+        import helm_python
+    except ImportError as exc:  # a dev dependency; the platform itself does not need it
+        raise RuntimeError("rendering the chart needs the Helm engine: pip install helm-python-sdk") from exc
+    return helm_python
+
+
 def default_chart_dir() -> Path:
     """``$RLHF_CHART`` (set in the images), else the chart next to the installed package (a source checkout)."""
     if os.environ.get("RLHF_CHART"):
@@ -47,7 +55,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 def load_values(values_files: Iterable[str | os.PathLike] = (), set_values: Iterable[str] = ()) -> dict:
     """Values as ``helm -f a.yaml -f b.yaml --set x=y`` would merge them (later wins)."""
-    import helm_python
+    helm_python = _helm() if set_values else None
 
     values: dict[str, Any] = {}
     for path in values_files:
@@ -87,7 +95,7 @@ def build_submission(
     name: str | None = None,
 ) -> tuple[dict, dict]:
     """(Job, ConfigMap) for ``rlhf train <kind>`` exactly as the chart's trainer Job template renders them."""
-    import helm_python
+    helm_python = _helm()
 
     if kind not in JOB_KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(JOB_KINDS)}")

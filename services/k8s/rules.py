@@ -22,8 +22,9 @@ HEADER = "# Generated from charts/rlhf (PrometheusRule, default values) by `pyth
 
 def rule_groups(values: dict | None = None, chart_dir: str | Path | None = None) -> list[dict]:
     """``spec.groups`` of the chart's PrometheusRule rendered with ``values`` (prometheusRule forced on)."""
-    import helm_python
+    from rlhf.k8s.jobs import _helm
 
+    helm_python = _helm()
     values = dict(values or {})
     monitoring = dict(values.get("monitoring") or {})
     monitoring["prometheusRule"] = {**(monitoring.get("prometheusRule") or {}), "enabled": True}

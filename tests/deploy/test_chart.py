@@ -349,6 +349,7 @@ def test_rendered_config_files_load_into_the_services_config_classes(render, tmp
     assert sft["feedback_target"] == "rlhf-feedback.ml.svc:50053"
     ppo = yaml.safe_load(files["trainer-ppo.yaml"])
     assert ppo["model"] == "/checkpoints/sft/final"
+    assert ppo["push_dir"] == ""  # the trainer and generation pods share no /dev/shm: stream the weights
 
 
 def test_a_config_key_the_chart_owns_is_refused_with_its_name(chart):

@@ -25,6 +25,8 @@ starting model, the Services it talks to), then trainer.jobs.<kind>.config. */}}
 {{- if eq .kind "ppo" }}
 {{- $_ := set $cfg "generation_target" (include "rlhf.target" (dict "root" .root "component" "generation")) }}
 {{- $_ := set $cfg "reward_target" (include "rlhf.target" (dict "root" .root "component" "reward")) }}
+{{- /* The trainer and generation pods share no /dev/shm: stream the weights over gRPC by default. */ -}}
+{{- $_ := set $cfg "push_dir" "" }}
 {{- end }}
 {{- $user := deepCopy (default dict (index $v.trainer.jobs .kind).config) }}
 {{- range $k, $_ := $user }}
