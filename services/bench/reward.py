@@ -1,9 +1,10 @@
 """`python -m rlhf.bench reward`: the reward service under many small concurrent calls.
 
 A 135M reward model (SmolLM2-135M-Instruct with a fresh scalar head, saved once to a temp folder) is served by
-``rlhf serve reward`` twice, one configuration after the other in the same run: micro-batching across callers
-(``max_batch_size=32``) and one forward pass per request (``max_batch_size=1``). ``CALLERS`` concurrent callers each
-send one pair per request, back to back (closed loop), for ``ROUNDS`` requests each after a warm-up round.
+two ``rlhf serve reward`` processes side by side: micro-batching across callers (``max_batch_size=32``) and one
+forward pass per request (``max_batch_size=1``). ``CALLERS`` concurrent callers each send one pair per request,
+back to back, in blocks that alternate between the two servers (so drifting load on a shared machine hits both
+alike), after a warm-up request per caller.
 Reported: throughput (pairs/s), client-side p50/p99 latency, and the mean forward batch size read from the
 server's ``rlhf_reward_batch_size`` histogram.
 """
@@ -21,7 +22,8 @@ from pathlib import Path
 from rlhf.bench import write_result
 
 CALLERS = 32
-ROUNDS = 4
+BLOCKS = 3  # alternating blocks per configuration
+PER_CALLER = 2  # requests per caller in a block
 THREADS = 2
 CONFIGS = {
     "micro_batching": {"max_batch_size": 32, "max_wait_ms": 10},
@@ -71,35 +73,49 @@ def build_checkpoint(folder: Path) -> Path:
     )
 
 
-async def _load(target: str, metrics_port: int, rounds: int) -> dict:
+async def _block(client, per_caller: int, latencies: list[float]) -> float:
+    """All callers at once, each sending ``per_caller`` one-pair requests back to back; the wall time."""
+
+    async def caller(c: int) -> None:
+        for _ in range(per_caller):
+            start = time.perf_counter()
+            await client.score([pairs_for(c)])
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in range(CALLERS)))
+    return time.perf_counter() - start
+
+
+async def _measure(services: dict, blocks: int, per_caller: int) -> dict:
+    """Blocks alternate between the configurations, so a change in the machine's load hits both alike."""
     from rlhf.reward.client import AsyncRewardClient
 
-    async with AsyncRewardClient(target, timeout=600) as client:
-        await asyncio.gather(*(client.score([pairs_for(c)]) for c in range(CALLERS)))  # warm-up round
-        latencies: list[float] = []
-        before = _batch_counts(metrics_port)
-
-        async def caller(c: int) -> None:
-            for _ in range(rounds):
-                start = time.perf_counter()
-                await client.score([pairs_for(c)])
-                latencies.append(time.perf_counter() - start)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(caller(c) for c in range(CALLERS)))
-        wall = time.perf_counter() - start
-        after = _batch_counts(metrics_port)
-    latencies.sort()
-    passes = after[0] - before[0]
-    return {
-        "forward_passes": int(passes),
-        "mean_batch_size": round((after[1] - before[1]) / passes, 2) if passes else 0.0,
-        "pairs": len(latencies),
-        "seconds": round(wall, 3),
-        "pairs_per_second": round(len(latencies) / wall, 3),
-        "p50_latency_s": round(statistics.median(latencies), 4),
-        "p99_latency_s": round(latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))], 4),
-    }
+    clients = {name: AsyncRewardClient(s.target, timeout=900) for name, s in services.items()}
+    latencies: dict[str, list[float]] = {name: [] for name in services}
+    wall = dict.fromkeys(services, 0.0)
+    for client in clients.values():  # warm-up: one request per caller
+        await asyncio.gather(*(client.score([pairs_for(c)]) for c in range(CALLERS)))
+    before = {name: _batch_counts(s.metrics_port) for name, s in services.items()}
+    for _ in range(blocks):
+        for name, client in clients.items():
+            wall[name] += await _block(client, per_caller, latencies[name])
+    out = {}
+    for name, s in services.items():
+        after = _batch_counts(s.metrics_port)
+        passes = after[0] - before[name][0]
+        lat = sorted(latencies[name])
+        out[name] = {
+            "forward_passes": int(passes),
+            "mean_batch_size": round((after[1] - before[name][1]) / passes, 2) if passes else 0.0,
+            "pairs": len(lat),
+            "seconds": round(wall[name], 3),
+            "pairs_per_second": round(len(lat) / wall[name], 3),
+            "p50_latency_s": round(statistics.median(lat), 4),
+            "p99_latency_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 4),
+        }
+        await clients[name].close()
+    return out
 
 
 def _batch_counts(metrics_port: int) -> tuple[float, float]:
@@ -113,28 +129,33 @@ def _batch_counts(metrics_port: int) -> tuple[float, float]:
     return values.get("rlhf_reward_batch_size_count", 0.0), values.get("rlhf_reward_batch_size_sum", 0.0)
 
 
-def run(out_dir: Path, rounds: int = ROUNDS) -> dict:
+def run(out_dir: Path, blocks: int = BLOCKS, per_caller: int = PER_CALLER) -> dict:
     from rlhf.core.launcher import Launcher
 
     result: dict = {
-        "settings": {"callers": CALLERS, "rounds": rounds, "torch_threads": THREADS},
+        "settings": {
+            "callers": CALLERS,
+            "requests_per_caller": blocks * per_caller,
+            "blocks": blocks,
+            "torch_threads": THREADS,
+            "model": "SmolLM2-135M-Instruct + scalar head, fp32",
+        },
         "load_average_1m_before": round(os.getloadavg()[0], 2),
     }
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-reward-") as tmp:
         checkpoint = build_checkpoint(Path(tmp))
-        result["settings"]["model"] = "SmolLM2-135M-Instruct + scalar head, fp32"
         with Launcher(Path(tmp) / "services") as launcher:
+            services = {}
             for name, knobs in CONFIGS.items():
                 args = ["--model", str(checkpoint), "--torch-threads", str(THREADS)]
                 for key, value in knobs.items():
                     args += ["--" + key.replace("_", "-"), str(value)]
-                service = launcher.start(f"reward-{name}", ["serve", "reward"], args=args)
-                figures = asyncio.run(_load(service.target, service.metrics_port, rounds))
-                figures["config"] = knobs
-                figures["load_average_1m_after"] = round(os.getloadavg()[0], 2)  # the machine is shared
-                result[name] = figures
-                launcher.stop(f"reward-{name}")
-                print(f"   {name}: {figures}", flush=True)
+                services[name] = launcher.start(f"reward-{name}", ["serve", "reward"], args=args)
+            figures = asyncio.run(_measure(services, blocks, per_caller))
+    for name, knobs in CONFIGS.items():
+        result[name] = {**figures[name], "config": knobs}
+        print(f"   {name}: {result[name]}", flush=True)
+    result["load_average_1m_after"] = round(os.getloadavg()[0], 2)  # the machine is shared
     batched, single = result["micro_batching"], result["one_forward_per_request"]
     result["speedup"] = round(batched["pairs_per_second"] / single["pairs_per_second"], 2)
     write_result(out_dir, "reward", result, markdown=markdown_table(result))
@@ -157,9 +178,11 @@ def markdown_table(result: dict) -> str:
             f"{r['forward_passes']} | {r['mean_batch_size']:.1f} |"
         )
     return (
-        f"{s['callers']} concurrent callers, one pair per request, {s['rounds']} requests each after a warm-up; "
+        f"{s['callers']} concurrent callers, one pair per request, {s['requests_per_caller']} requests each after a "
+        f"warm-up, in {s['blocks']} blocks alternating between the two servers; "
         f"{s['model']}, {s['torch_threads']} torch threads; 1-minute load average before the run "
-        f"{result['load_average_1m_before']} (a shared machine inflates every figure).\n\n"
+        f"{result['load_average_1m_before']}, after {result['load_average_1m_after']} "
+        "(a shared machine inflates every figure).\n\n"
         + "\n".join(rows)
         + f"\n\nThroughput ratio (micro-batching / one forward per request): {result['speedup']}x\n"
     )

@@ -34,6 +34,10 @@ class RewardConfig(ServerConfig):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Torch dtype of the weights."
     )
+    device: str = Field(
+        "auto",
+        description="Torch device for the model: 'auto' (cuda when available, else cpu), 'cpu', 'cuda:0'...",
+    )
     max_batch_size: int = Field(
         32, ge=1, le=4096, description="Most pairs in one forward pass (1 = one forward per pair)."
     )

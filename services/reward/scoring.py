@@ -66,8 +66,19 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def load_model(
-    path: str | Path, *, version: str | None = None, dtype: str = "float32", max_tokens: int = 2048
+    path: str | Path,
+    *,
+    version: str | None = None,
+    dtype: str = "float32",
+    max_tokens: int = 2048,
+    device: str = "auto",
 ) -> LoadedModel:
     """Load and check a reward checkpoint: metadata, weights, tokenizer, and one finite trial score.
 
@@ -76,7 +87,7 @@ def load_model(
     """
     path = Path(path)
     metadata = read_reward_metadata(path)
-    model = load_reward_model(path, dtype=DTYPES[dtype])
+    model = load_reward_model(path, dtype=DTYPES[dtype]).to(resolve_device(device))
     tokenizer = load_tokenizer(path)
     context = getattr(model.config, "max_position_embeddings", None)
     if context:
@@ -221,5 +232,6 @@ def score_sequences(
 ) -> list[float]:
     """One forward pass over ``sequences`` (a batch): the raw reward of each."""
     ids, mask = pad_batch(sequences, loaded.pad_token_id, padding_side)
+    device = next(loaded.model.parameters()).device
     with torch.inference_mode():
-        return reward_forward(loaded.model, ids, mask).tolist()
+        return reward_forward(loaded.model, ids.to(device), mask.to(device)).tolist()

@@ -93,7 +93,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
 
     def _load(self, path: str, version: str | None) -> scoring.LoadedModel:
         return scoring.load_model(
-            path, version=version or None, dtype=self.config.dtype, max_tokens=self.config.max_tokens
+            path,
+            version=version or None,
+            dtype=self.config.dtype,
+            max_tokens=self.config.max_tokens,
+            device=self.config.device,
         )
 
     def _activate(self, loaded: scoring.LoadedModel) -> str | None:
@@ -197,6 +201,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             if k not in ("reward_mean", "reward_std", "version") and v is not None
         }
         extra.update(
+            device=str(next(loaded.model.parameters()).device),
             truncation=self.config.truncation,
             micro_batch_size=str(self.config.max_batch_size),
             max_wait_ms=str(self.config.max_wait_ms),
