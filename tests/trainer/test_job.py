@@ -24,9 +24,9 @@ def _cfg(run_dir, **kw) -> SFTConfig:
     return SFTConfig(**base)
 
 
-def _toy_run(cfg: SFTConfig, total: int, stop_after: int | None = None, on_step=None):
+def _toy_run(cfg: SFTConfig, total: int, stop_after: int | None = None, on_step=None, signals: bool = False):
     """A toy regression loop in the job shell; returns (weights, job)."""
-    with TrainJob(cfg, kind="sft", total_steps=total, install_signal_handlers=False) as job:
+    with TrainJob(cfg, kind="sft", total_steps=total, install_signal_handlers=signals) as job:
         model = torch.nn.Linear(4, 1)
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (total + 1))
@@ -155,3 +155,20 @@ def test_prometheus_metrics_follow_the_contract(tmp_path):
     assert 'rlhf_trainer_loss{job="sft",split="eval"} 1.0' in page
     assert 'rlhf_trainer_phase_seconds{job="sft",phase="generate"}' in page
     assert 'rlhf_server_ready{service="rlhf.v1.TrainerService"} 1.0' in page
+
+
+def test_sigterm_checkpoints_at_the_next_step_then_stops(tmp_path):
+    import os
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def term(job):
+        if job.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    _, job = _toy_run(_cfg(tmp_path / "t", checkpoint_every=0), total=1000, on_step=term, signals=True)
+    assert job.status().state == trainer_pb2.JOB_STATE_STOPPED
+    assert job.step == 3 and "SIGTERM" in job.status().message
+    assert (tmp_path / "t" / "checkpoints" / "latest").read_text().strip() == "step-3"
+    assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone after the job
