@@ -96,7 +96,7 @@ def prepare_models(workdir: Path) -> tuple[Path, Path, Path]:
     model_dir = resolve_model_path("smollm2-135m-instruct")
     rm_dir = workdir / "reward-model"
     if not (rm_dir / "config.json").exists():
-        rm = init_reward_model_from_causal_lm(model_dir)
+        rm, _ = init_reward_model_from_causal_lm(model_dir)
         rm.save_pretrained(rm_dir)
         load_tokenizer(model_dir).save_pretrained(rm_dir)
     prompts = [p["prompt"] for p in load_prompts("train")][:256]

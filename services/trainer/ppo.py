@@ -58,7 +58,7 @@ import torch
 from torch import nn
 
 from rlhf.core import chat
-from rlhf.core.client import RetryPolicy
+from rlhf.core.client import RetryPolicy, call_with_retry
 from rlhf.core.models import load_causal_lm, load_tokenizer, position_ids_from_mask, set_torch_threads
 from rlhf.trainer.config import PPOConfig
 from rlhf.trainer.rl_math import (
@@ -475,9 +475,12 @@ class PolicySync:
         self.version = 0  # version of the trainer's current weights
         self.served: int | None = None  # version the service serves for us (None = unknown / must push)
         self._pushed_files: list[Path] = []
+        self.max_batch_size = 1 << 30  # most sequences per Generate request (from the service's ModelInfo)
 
     def service_version(self) -> int:
-        return int(self.client.model_info().version or 0)
+        info = self.client.model_info()
+        self.max_batch_size = int(info.max_batch_size) or self.max_batch_size
+        return int(info.version or 0)
 
     def push(self, model: nn.Module) -> int:
         """Push the current weights unless the service already serves them; returns the served version."""
@@ -495,13 +498,21 @@ class PolicySync:
 
             save_file(state, str(tmp))
             tmp.replace(path)
-            served = self.client.update_weights(version=self.version, checkpoint_path=str(path))
+            served = call_with_retry(
+                lambda: self.client.update_weights(version=self.version, checkpoint_path=str(path)),
+                self.client.retry,
+                "PolicyService.UpdateWeights",
+            )
             self._pushed_files.append(path)
             for old in self._pushed_files[:-1]:  # keep the newest file: a restarted service may need it
                 old.unlink(missing_ok=True)
             self._pushed_files = self._pushed_files[-1:]
         else:
-            served = self.client.update_weights(version=self.version, state_dict=state)
+            served = call_with_retry(
+                lambda: self.client.update_weights(version=self.version, state_dict=state),
+                self.client.retry,
+                "PolicyService.UpdateWeights",
+            )
         if int(served) != self.version:
             raise RuntimeError(f"generation service serves version {served} after pushing {self.version}")
         self.served = self.version
@@ -524,7 +535,7 @@ def generate_rollout(
     prompts: Sequence[Prompt],
     prompt_ids: Sequence[list[int]],
     cfg: PPOConfig,
-    seed: int,
+    seed: int | None = None,
     phase: PhaseTimer = _no_phase,
     attempts: int = 3,
 ) -> Rollout:
@@ -536,16 +547,20 @@ def generate_rollout(
             sync.push(model)
         try:
             with phase("generate"):
-                samples = client.generate(
-                    [list(ids) for ids in prompt_ids],
-                    max_new_tokens=cfg.response_length,
-                    temperature=cfg.temperature,
-                    top_p=cfg.top_p,
-                    seed=seed,
-                    n=cfg.samples_per_prompt,
-                    logprobs_mode="temperature",
-                    min_policy_version=sync.version,
-                )
+                per_request = max(1, sync.max_batch_size // cfg.samples_per_prompt)
+                samples = []
+                for start in range(0, len(prompt_ids), per_request):
+                    samples += client.generate(
+                        [list(ids) for ids in prompt_ids[start : start + per_request]],
+                        max_new_tokens=cfg.response_length,
+                        temperature=cfg.temperature,
+                        top_p=cfg.top_p,
+                        seed=seed,
+                        n=cfg.samples_per_prompt,
+                        logprobs_mode="temperature",
+                        min_policy_version=sync.version,
+                        return_prompt_token_ids=False,
+                    )
         except grpc.RpcError as exc:
             if not _is_code(exc, grpc.StatusCode.FAILED_PRECONDITION) or attempt == attempts - 1:
                 raise
@@ -741,7 +756,9 @@ def run_ppo(cfg: PPOConfig) -> Path:
                             prompts,
                             ids,
                             cfg,
-                            seed=cfg.seed * 1_000_003 + iteration,
+                            # no seed: the service seeds each row from (seed, sample index) alone, so one
+                            # seed for a batch of prompts would give every row the same random stream
+                            seed=None,
                             phase=job.phase,
                         )
                     with job.phase("score"), calling("reward", cfg.reward_target):

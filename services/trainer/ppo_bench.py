@@ -1,0 +1,139 @@
+"""Timing real PPO iterations through the services (``python -m rlhf.bench rl`` calls this).
+
+``time_ppo_iterations`` starts the generation and reward services as processes (rlhf.core.launcher), runs
+``run_ppo`` for ``iterations`` iterations against them with the benchmark's settings and reads the per-step
+wall time and per-phase times back from the run's metrics.jsonl. The first iteration is warm-up (it also
+pushes the initial weights) and is left out of the medians.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+
+log = logging.getLogger("rlhf.trainer.ppo_bench")
+
+PHASES = ("generate", "score", "reference", "values", "update", "sync")
+
+
+def _steady(rows: list[dict]) -> list[dict]:
+    return rows[1:] if len(rows) > 1 else rows
+
+
+def summarize(rows: list[dict], rollouts: int) -> dict:
+    """Median seconds per iteration, rollouts/s and median seconds per phase from metrics.jsonl rows.
+
+    ``idle`` is what no named phase covers: the step's wall time minus the phases (prompt selection, rollout
+    packing, logging, the job shell's bookkeeping).
+    """
+    steady = _steady(rows)
+    seconds = statistics.median(r["step_seconds"] for r in steady)
+    phases = {p: statistics.median(r.get(f"time/{p}", 0.0) for r in steady) for p in PHASES}
+    idle = [r["step_seconds"] - sum(r.get(f"time/{p}", 0.0) for p in PHASES) for r in steady]
+    phases["idle"] = statistics.median(idle)
+    return {
+        "seconds_per_iteration": seconds,
+        "rollouts_per_second": rollouts / seconds,
+        "rollouts_per_step": rollouts,
+        "phase_seconds": phases,
+        "step_seconds": [r["step_seconds"] for r in rows],
+    }
+
+
+def time_ppo_iterations(
+    *,
+    model_dir: str | Path,
+    reward_model_dir: str | Path,
+    prompts: list,
+    iterations: int,
+    rollouts: int = 16,
+    max_new_tokens: int = 48,
+    temperature: float = 0.7,
+    workdir: str | Path,
+    trainer_threads: int = 2,
+    generation_threads: int = 2,
+    reward_threads: int = 2,
+    ppo_overrides: dict | None = None,
+) -> dict:
+    """Run ``iterations`` PPO iterations through freshly started services; see the module docstring.
+
+    Returns {"seconds_per_iteration", "rollouts_per_second", "rollouts_per_step", "phase_seconds",
+    "step_seconds", "metrics" (the last iteration's learning metrics), "settings"}.
+    """
+    from rlhf.core.launcher import Launcher
+    from rlhf.trainer.config import PPOConfig
+    from rlhf.trainer.job import read_metrics
+    from rlhf.trainer.ppo import run_ppo
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data_file = workdir / "ppo-prompts.jsonl"
+    with open(data_file, "w", encoding="utf-8") as f:
+        for prompt in prompts:
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+    run_dir = workdir / "ppo-run"
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with Launcher(workdir / "services", env=env) as launcher:
+        generation = launcher.start(
+            "generation",
+            ["serve", "generation"],
+            args=[
+                "--model",
+                str(model_dir),
+                "--torch-threads",
+                str(generation_threads),
+                "--max-batch-size",
+                str(max(rollouts, 32)),
+            ],
+        )
+        reward = launcher.start(
+            "reward",
+            ["serve", "reward"],
+            args=["--model", str(reward_model_dir), "--torch-threads", str(reward_threads)],
+        )
+        settings = dict(
+            model=str(model_dir),
+            data_file=str(data_file),
+            eval_fraction=0.0,
+            run_dir=str(run_dir),
+            generation_target=generation.target,
+            reward_target=reward.target,
+            batch_size=rollouts,
+            micro_batch_size=rollouts,
+            response_length=max_new_tokens,
+            temperature=temperature,
+            max_steps=iterations,
+            num_ppo_epochs=1,
+            num_mini_batches=1,
+            checkpoint_every=0,
+            serve=False,
+            metrics_port=-1,
+            progress=False,
+            torch_threads=trainer_threads,
+        )
+        settings.update(ppo_overrides or {})
+        run_ppo(PPOConfig(**settings))
+    rows = read_metrics(run_dir)
+    result = summarize(rows, rollouts)
+    last = rows[-1]
+    result["metrics"] = {
+        k: last[k]
+        for k in (
+            "reward_mean",
+            "kl",
+            "entropy",
+            "response_length",
+            "logprob_mismatch_max",
+            "logprob_mismatch_mean",
+        )
+        if k in last
+    }
+    result["settings"] = {
+        "trainer_threads": trainer_threads,
+        "generation_threads": generation_threads,
+        "reward_threads": reward_threads,
+        **{k: v for k, v in settings.items() if k not in ("generation_target", "reward_target")},
+    }
+    return result
