@@ -140,6 +140,11 @@ def wait(driver, condition, timeout=30):
     return WebDriverWait(driver, timeout).until(condition)
 
 
+def loaded(driver) -> None:
+    """Wait until the current page has run its scripts (the keyboard shortcuts are bound at the end)."""
+    wait(driver, lambda d: d.execute_script("return document.readyState") == "complete")
+
+
 def sign_in(driver, base: str, token: str) -> None:
     driver.delete_all_cookies()
     driver.get(base + "/login")
@@ -147,6 +152,7 @@ def sign_in(driver, base: str, token: str) -> None:
     field.send_keys(token)
     driver.find_element(By.ID, "sign-in").click()
     wait(driver, ec.staleness_of(field))  # the next page has replaced the form
+    loaded(driver)
 
 
 def flash_texts(driver) -> list[str]:
@@ -163,6 +169,7 @@ def submit_and_wait(driver, action) -> None:
     old = driver.find_element(By.TAG_NAME, "main")
     action()
     wait(driver, ec.staleness_of(old))
+    loaded(driver)
 
 
 def press(driver, key: str) -> None:
@@ -234,6 +241,7 @@ def test_a_labeler_labels_with_clicks_and_keys_and_each_judgment_is_stored_once(
     )
     assert statuses == [200, 200]
     browser.refresh()
+    loaded(browser)
     assert wait(browser, ec.presence_of_element_located((By.ID, "empty")))
     assert browser.find_element(By.ID, "done-today").text == "4"
     assert browser.find_element(By.ID, "left-for-you").text == "0"
