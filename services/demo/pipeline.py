@@ -279,37 +279,54 @@ def generate(
 ) -> list[list[Generated]]:
     """``n`` samples per prompt from the generation service.
 
-    One request per prompt, ``batch`` of them in flight at once (the service batches concurrent requests into
-    shared forward passes). Each prompt has its own seed (``seed`` + its index): the service seeds a sample
-    from (request seed, sample index), so prompts sharing one request would share their random draws.
+    One request per prompt, up to ``batch`` of them in flight (asynchronous gRPC calls; the service batches
+    concurrent requests into shared forward passes). Each prompt has its own seed (``seed`` + its index): the
+    service seeds a sample from (request seed, sample index), so prompts sharing one request would share their
+    random draws. On any error or Ctrl-C the calls still in flight are cancelled.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from collections import deque
 
-    def one(index: int) -> list[Generated]:
-        samples = policy.generate(
-            [prompts[index]],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            seed=seed * 100_003 + index,
-            n=n,
-            return_prompt_token_ids=False,
+    from rlhf.generation.client import make_params, make_prompt
+    from rlhf.v1 import policy_pb2
+
+    def request(index: int):
+        message = policy_pb2.GenerateRequest(
+            prompts=[make_prompt(prompts[index])],
+            params=make_params(
+                max_new_tokens=max_new_tokens, temperature=temperature, seed=seed * 100_003 + index, n=n
+            ),
         )
-        return [
-            Generated(
-                prompt=prompts[index],
-                text=s.text,
-                token_ids=list(s.token_ids),
-                logprobs=list(s.logprobs),
-                finished=sample_finished(s),
-            )
-            for s in samples
-        ]
+        return policy.stub.Generate.future(message, timeout=policy.timeout)
 
     out: list[list[Generated]] = []
-    with _bar(len(prompts) * n, desc, progress) as bar, ThreadPoolExecutor(max_workers=max(1, batch)) as pool:
-        for group in pool.map(one, range(len(prompts))):
-            out.append(group)
-            bar.update(len(group))
+    in_flight: deque = deque()
+    next_index = 0
+    with _bar(len(prompts) * n, desc, progress) as bar:
+        try:
+            while len(out) < len(prompts):
+                while next_index < len(prompts) and len(in_flight) < max(1, batch):
+                    in_flight.append(request(next_index))
+                    next_index += 1
+                response = in_flight.popleft().result()
+                index = len(out)
+                out.append(
+                    [
+                        Generated(
+                            prompt=prompts[index],
+                            # the store and the reward service refuse NUL characters (a tiny random
+                            # model can sample one); a reader would not see it either
+                            text=s.text.replace("\x00", ""),
+                            token_ids=list(s.token_ids),
+                            logprobs=list(s.logprobs),
+                            finished=sample_finished(s),
+                        )
+                        for s in response.samples
+                    ]
+                )
+                bar.update(len(response.samples))
+        finally:
+            for future in in_flight:
+                future.cancel()
     return out
 
 
