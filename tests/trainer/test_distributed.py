@@ -84,3 +84,62 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, tiny_lm_path, sft_jsonl)
     for one, two in zip(*history, strict=True):
         assert abs(one["loss"] - two["loss"]) < 1e-4
     assert abs(history[0][-1]["eval_loss"] - history[1][-1]["eval_loss"]) < 1e-4
+
+
+@pytest.mark.slow
+def test_torchrun_reward_model_matches_one_process(tmp_path, tiny_lm_path, preference_jsonl):
+    common = [
+        "--max-steps=4",
+        "--batch-size=8",
+        "--learning-rate=1e-3",
+        "--eval-every=4",
+        "--checkpoint-every=0",
+    ]
+    base = [
+        "-m",
+        "rlhf.cli",
+        "train",
+        "reward-model",
+        "--model",
+        str(tiny_lm_path),
+        "--data-file",
+        preference_jsonl,
+        "--eval-fraction",
+        "0.25",
+        "--port",
+        "0",
+        "--metrics-port",
+        "-1",
+        "--torch-threads",
+        "1",
+        "--no-progress",
+        *common,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    runs = {
+        "single": [sys.executable, *base, "--run-dir", str(tmp_path / "single")],
+        "ddp": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *base,
+            "--micro-batch-size",
+            "2",
+            "--run-dir",
+            str(tmp_path / "ddp"),
+        ],
+    }
+    for name, argv in runs.items():
+        run = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, (name, run.stderr[-4000:])
+    metas = [json.loads((tmp_path / name / "final" / "rlhf_reward.json").read_text()) for name in runs]
+    assert abs(metas[0]["reward_mean"] - metas[1]["reward_mean"]) < 1e-3
+    assert abs(metas[0]["reward_std"] - metas[1]["reward_std"]) < 1e-3
+    assert metas[0]["eval_accuracy"] == metas[1]["eval_accuracy"]
+    a = load_file(str(tmp_path / "single" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ddp" / "final" / "model.safetensors"))
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-4, msg=name)
