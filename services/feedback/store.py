@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import re
 import threading
@@ -149,6 +148,11 @@ class FeedbackStore:
             raise ValueError(f"unsupported database {self.backend!r}: use sqlite:///FILE or postgresql://...")
         self._insert = sqlite_dialect.insert if self.backend == "sqlite" else pg_dialect.insert
         self._lock = threading.Lock() if self.backend == "sqlite" else None
+        mark, json_mark = ("?", "?") if self.backend == "sqlite" else ("%s", "%s::jsonb")
+        self._insert_records_sql = (
+            "INSERT INTO records (id, kind, idempotency_key, content_hash, labeler_id, prompt_id, created_at_us, "
+            f"payload) VALUES ({', '.join([mark] * 7)}, {json_mark}) ON CONFLICT DO NOTHING"
+        )
         self._known_labelers: set[str] = set()
         if self.backend == "sqlite":
             self.sqlite_path = url_obj.database
@@ -162,7 +166,6 @@ class FeedbackStore:
                 connect_args={"timeout": busy_timeout_seconds, "check_same_thread": False},
                 pool_size=pool_size,
                 max_overflow=pool_max_overflow,
-                json_serializer=_json_serializer,
             )
             _configure_sqlite(self.engine, busy_timeout_seconds)
         else:
@@ -172,7 +175,6 @@ class FeedbackStore:
                 pool_size=pool_size,
                 max_overflow=pool_max_overflow,
                 pool_pre_ping=True,
-                json_serializer=_json_serializer,
             )
         self._write_engine = self.engine.execution_options(rlhf_write=True)
         if migrate:
@@ -354,25 +356,13 @@ class FeedbackStore:
         now = _now_us()
         self._resolve_prompts(conn, field_name, unique)
         new_labelers = self._ensure_labelers(conn, field_name, unique, now)
-        values = [
-            dict(
-                id=r.id,
-                kind=kind,
-                idempotency_key=r.key,
-                content_hash=r.content_hash,
-                labeler_id=r.labeler_id,
-                prompt_id=r.prompt_id,
-                created_at_us=now,
-                payload=_RawJSON(r.payload_json) if r.payload_json else r.payload,
-            )
-            for r in unique
-        ]
-        stmt = self._insert(records).on_conflict_do_nothing().returning(records.c.idempotency_key)
-        inserted = set(conn.execute(stmt, values).scalars())
-        replayed = [r for r in unique if r.key not in inserted]
-        if replayed:
-            self._check_replays(conn, kind, field_name, replayed)
-        created = len(inserted)
+        # Writes are serialized (see _write_tx), so the keys stored now are the keys stored at the insert.
+        stored = self._stored_hashes(conn, kind, [r.key for r in unique])
+        self._check_replays(field_name, [r for r in unique if r.key in stored], stored)
+        new = [r for r in unique if r.key not in stored]
+        if new:
+            self._insert_records(conn, kind, field_name, new, now)
+        created = len(new)
         result = feedback_pb2.WriteResult(
             ids=[first[r.key].id for r in rows], created=created, existing=len(rows) - created
         )
@@ -382,21 +372,45 @@ class FeedbackStore:
         """Remember labelers a committed :meth:`write_rows` transaction created."""
         self._known_labelers.update(labeler_ids)
 
-    def _check_replays(self, conn, kind: str, field_name: str, replayed: list[_Row]) -> None:
+    def _stored_hashes(self, conn, kind: str, keys: list[str]) -> dict[str, str]:
+        """content_hash of the stored records of ``kind`` among ``keys``."""
         stored: dict[str, str] = {}
-        for chunk in _chunks(replayed):
+        for chunk in _chunks(keys):
             q = sa.select(records.c.idempotency_key, records.c.content_hash).where(
-                records.c.kind == kind, records.c.idempotency_key.in_([r.key for r in chunk])
+                records.c.kind == kind, records.c.idempotency_key.in_(chunk)
             )
             stored.update(conn.execute(q).all())
+        return stored
+
+    def _check_replays(self, field_name: str, replayed: list[_Row], stored: dict[str, str]) -> None:
         for row in replayed:
-            if row.key not in stored:  # a different (kind, key) with a colliding id: practically impossible
-                raise AlreadyExists(f"{field_name}[{row.index}]: id {row.id} collides with another record")
             if stored[row.key] != row.content_hash and not row.derived_key:
                 raise AlreadyExists(
                     f"{field_name}[{row.index}].idempotency_key: {row.key[:80]!r} is already stored "
                     f"(id {row.id}) with different content; use a new key for a new record"
                 )
+
+    def _insert_records(self, conn, kind: str, field_name: str, rows: list[_Row], now: int) -> None:
+        """One executemany of a short prepared INSERT: the driver loops over the rows (sqlite3 in C, psycopg
+        in a pipeline), instead of building and parsing one huge multi-row statement per batch."""
+        params = [
+            (
+                r.id,
+                kind,
+                r.key,
+                r.content_hash,
+                r.labeler_id,
+                r.prompt_id,
+                now,
+                r.payload_json or rec.canonical_json(r.payload),
+            )
+            for r in rows
+        ]
+        inserted = conn.exec_driver_sql(self._insert_records_sql, params).rowcount
+        if inserted != len(rows):  # the keys were checked just before: only a colliding id can get here
+            raise AlreadyExists(
+                f"{field_name}: {len(rows) - inserted} record id(s) collide with stored records of another kind"
+            )
 
     def _resolve_prompts(self, conn, field_name: str, rows: list[_Row]) -> None:
         """Check referenced prompt ids exist; copy the stored prompt into records sent without one."""
@@ -639,15 +653,6 @@ class FeedbackStore:
                 sa.select(snapshots).order_by(snapshots.c.created_at_us.desc(), snapshots.c.name)
             ).mappings()
             return [_snapshot_message(r) for r in rows]
-
-
-class _RawJSON(str):
-    """JSON text that is already encoded (a record's canonical payload): stored as is."""
-
-
-def _json_serializer(value) -> str:
-    """The engines' JSON encoder: plain json.dumps, except for text that is already JSON."""
-    return value if type(value) is _RawJSON else json.dumps(value)
 
 
 def _now_us() -> int:
