@@ -32,7 +32,9 @@ class PolicyServiceStub:
 
     Concurrent Generate calls are merged into shared forward passes (dynamic batching). Every sample carries
     the policy version that produced it; a weight update is applied atomically between batches, so one
-    response never mixes versions.
+    response never mixes versions: the swap waits until the running sequences have finished on the old weights,
+    requests arriving meanwhile wait and are served by the new version, and UpdateWeights returns once the new
+    version is serving.
 
     Status codes: INVALID_ARGUMENT (bad field, named in the message), RESOURCE_EXHAUSTED (the request queue
     is full: retry later), UNAVAILABLE (still loading), FAILED_PRECONDITION (an update the backend cannot apply,
@@ -73,7 +75,9 @@ class PolicyServiceServicer:
 
     Concurrent Generate calls are merged into shared forward passes (dynamic batching). Every sample carries
     the policy version that produced it; a weight update is applied atomically between batches, so one
-    response never mixes versions.
+    response never mixes versions: the swap waits until the running sequences have finished on the old weights,
+    requests arriving meanwhile wait and are served by the new version, and UpdateWeights returns once the new
+    version is serving.
 
     Status codes: INVALID_ARGUMENT (bad field, named in the message), RESOURCE_EXHAUSTED (the request queue
     is full: retry later), UNAVAILABLE (still loading), FAILED_PRECONDITION (an update the backend cannot apply,
@@ -146,7 +150,9 @@ class PolicyService:
 
     Concurrent Generate calls are merged into shared forward passes (dynamic batching). Every sample carries
     the policy version that produced it; a weight update is applied atomically between batches, so one
-    response never mixes versions.
+    response never mixes versions: the swap waits until the running sequences have finished on the old weights,
+    requests arriving meanwhile wait and are served by the new version, and UpdateWeights returns once the new
+    version is serving.
 
     Status codes: INVALID_ARGUMENT (bad field, named in the message), RESOURCE_EXHAUSTED (the request queue
     is full: retry later), UNAVAILABLE (still loading), FAILED_PRECONDITION (an update the backend cannot apply,
