@@ -69,9 +69,8 @@ def content_hash(payload: dict, labeler_id: str, prompt_id: str) -> str:
 def content_hash_of_json(payload_json: str, labeler_id: str, prompt_id: str) -> str:
     """:func:`content_hash` from the payload's canonical JSON (the store encodes each payload once): the
     same bytes as the canonical JSON of the whole object, whose sorted keys are "l" < "p" < "pid"."""
-    return sha256_hex(
-        f'{{"l":{canonical_json(labeler_id)},"p":{payload_json},"pid":{canonical_json(prompt_id)}}}'
-    )
+    quote = json.encoder.encode_basestring  # = canonical_json of a str, without building an encoder
+    return sha256_hex(f'{{"l":{quote(labeler_id)},"p":{payload_json},"pid":{quote(prompt_id)}}}')
 
 
 # ---- proto -> payload -------------------------------------------------------------------------------------

@@ -52,7 +52,7 @@ class RecordError(InvalidArgument):
 
 def check_string(value: str, field: str, limit: int, *, required: bool, empty_reason: str = "empty_text"):
     """Non-empty (when required), at most ``limit`` characters, no NUL (PostgreSQL cannot store it)."""
-    if required and not value.strip():
+    if required and (not value or value.isspace()):  # (= not value.strip(), without the copy)
         raise RecordError(field, "empty" if not value else "only whitespace", empty_reason)
     if len(value) > limit:
         raise RecordError(field, f"{len(value)} chars > limit {limit}", "text_too_long")
