@@ -24,7 +24,8 @@ from rlhf.bench import write_result
 CALLERS = 32
 BLOCKS = 3  # alternating blocks per configuration
 PER_CALLER = 2  # requests per caller in a block
-THREADS = 2
+# torch threads of each server; RLHF_BENCH_THREADS=1 avoids OpenMP barrier stalls on a crowded machine
+THREADS = int(os.environ.get("RLHF_BENCH_THREADS", "2"))
 CONFIGS = {
     "micro_batching": {"max_batch_size": 32, "max_wait_ms": 10},
     "one_forward_per_request": {"max_batch_size": 1, "max_wait_ms": 0},
