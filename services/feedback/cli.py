@@ -294,6 +294,7 @@ def _run_enqueue(args: argparse.Namespace) -> int:
                         temperature=args.temperature,
                         top_p=args.top_p,
                         seed=args.seed,
+                        return_prompt_token_ids=False,
                     )
                 finally:
                     client.close()
