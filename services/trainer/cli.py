@@ -15,9 +15,13 @@ from rlhf.trainer.config import RewardModelConfig, SFTConfig
 def _report(kind: str, run, cfg) -> int:
     """Run the job; print where its model went, or a one-line error (exit 2) for bad data or settings."""
     from rlhf.core.errors import ServiceError
+    from rlhf.trainer.job import JobStopped
 
     try:
         path = run(cfg)
+    except JobStopped as exc:
+        print(f"{kind}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (ValueError, FileNotFoundError) as exc:
         print(f"{kind}: {exc}", file=sys.stderr)
         return 2

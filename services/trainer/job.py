@@ -28,9 +28,10 @@ Usage (the whole contract)::
                          evaluate=lambda: {"eval_loss": ...})
         if job.completed:                                 # all steps done (not stopped on request)
             model.save_pretrained(job.run_dir / "final")
-        job.finish(job.run_dir / "final")                 # state SUCCEEDED (or STOPPED), closes everything
+        job.finish(job.run_dir / "final")                 # SUCCEEDED; or STOPPED: raises JobStopped
 
-``end_step`` increments ``job.step``, calls ``evaluate()`` when due (every ``cfg.eval_every`` steps and at
+``finish`` raises :class:`JobStopped` when the job stopped before its last step (its checkpoint is
+written; ``--resume`` continues it). ``end_step`` increments ``job.step``, calls ``evaluate()`` when due (every ``cfg.eval_every`` steps and at
 the last step), logs, and checkpoints when due (every ``cfg.checkpoint_every`` steps), when a
 SaveCheckpoint RPC asked for one, or when a stop was requested (then ``job.done`` becomes true).
 ``train_state`` must be torch-saveable (ints, floats, lists, dicts, tensors); put the data position there
@@ -213,6 +214,25 @@ def load_model_weights(model: torch.nn.Module, folder: Path) -> None:
     missing = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
     if missing:  # a key missing from the file is fine only when it shares storage with a loaded one (tied)
         raise RuntimeError(f"{folder}: missing weights {missing[:5]}")
+
+
+class JobStopped(Exception):
+    """Raised by :meth:`TrainJob.finish` when the job ended before its last step (SIGTERM, Ctrl-C, the Stop
+    RPC), after its checkpoint was written: the run is resumable with ``--resume``. The CLI exits with
+    :attr:`exit_code` (128 + signal number for SIGTERM/SIGINT, as a killed process would; 3 otherwise), so a
+    Kubernetes Job whose pod was stopped is retried rather than marked complete."""
+
+    def __init__(self, message: str, *, step: int, checkpoint: Path | None, reason: str):
+        super().__init__(message)
+        self.step = step
+        self.checkpoint = checkpoint
+        self.reason = reason
+
+    @property
+    def exit_code(self) -> int:
+        if self.reason in ("SIGTERM", "SIGINT"):
+            return 128 + signal.Signals[self.reason].value
+        return 3
 
 
 class _Tracked:
@@ -403,7 +423,9 @@ class TrainJob:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None:
+        if isinstance(exc, JobStopped):
+            pass  # raised by finish(): the job already ended as STOPPED
+        elif exc is not None:
             with self._lock:
                 self.state = trainer_pb2.JOB_STATE_FAILED
                 self.message = f"{type(exc).__name__}: {exc}"
@@ -444,6 +466,14 @@ class TrainJob:
             log.info("%s job %s: %s", self.kind, self.job_id, self.message or "done")
         if self._entered:
             self._close()
+        if not self.completed:
+            latest = self.latest_checkpoint()
+            raise JobStopped(
+                self.message or f"ended at step {self.step} of {self.total_steps}",
+                step=self.step,
+                checkpoint=latest,
+                reason=self._stop_reason or "",
+            )
 
     @property
     def port(self) -> int:

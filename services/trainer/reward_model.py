@@ -127,7 +127,8 @@ def reward_statistics(
 
 
 def run_reward_model(cfg: RewardModelConfig) -> Path:
-    """Run (or resume) a reward-model job; returns the final reward checkpoint folder."""
+    """Run (or resume) a reward-model job; returns the final reward checkpoint folder (a stopped job raises
+    rlhf.trainer.job.JobStopped after writing its checkpoint)."""
     from rlhf.reward.checkpoint import save_reward_checkpoint
 
     set_torch_threads(cfg.torch_threads)
@@ -198,9 +199,7 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
                 )
             final = job.run_dir / "final"
             if not job.completed:
-                job.finish()
-                latest = job.latest_checkpoint()
-                return latest / "model" if latest else final
+                job.finish()  # raises JobStopped (the checkpoint is written)
             with job.phase("eval"):
                 responses = list({seq: None for pair in train for seq in map(tuple, pair)})
                 mean, std = reward_statistics(

@@ -101,7 +101,8 @@ def save_final(model, tokenizer, folder: Path) -> Path:
 
 
 def run_sft(cfg: SFTConfig) -> Path:
-    """Run (or resume) an SFT job; returns the final HF folder (a stopped job: its last checkpoint's model)."""
+    """Run (or resume) an SFT job; returns the final HF folder. A job stopped by SIGTERM, Ctrl-C or the Stop
+    RPC raises rlhf.trainer.job.JobStopped after writing its checkpoint."""
     set_torch_threads(cfg.torch_threads)
     info = distributed.setup(cfg.device)
     try:
@@ -178,10 +179,7 @@ def run_sft(cfg: SFTConfig) -> Path:
                     log.info("SFT model saved to %s", final)
                 if info.enabled:
                     torch.distributed.barrier()
-                job.finish(final)
-                return final
-            job.finish()
-            latest = job.latest_checkpoint()
-            return latest / "model" if latest else final
+            job.finish(final)  # stopped before the last step: raises JobStopped (after its checkpoint)
+            return final
     finally:
         distributed.cleanup()

@@ -3,6 +3,7 @@ TrainerService answering while the loop runs."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -12,7 +13,7 @@ import torch
 
 from rlhf.core.client import make_channel
 from rlhf.trainer.config import SFTConfig
-from rlhf.trainer.job import TrainJob, read_metrics
+from rlhf.trainer.job import JobStopped, TrainJob, read_metrics
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
 
@@ -24,9 +25,10 @@ def _cfg(run_dir, **kw) -> SFTConfig:
     return SFTConfig(**base)
 
 
-def _toy_run(cfg: SFTConfig, total: int, stop_after: int | None = None, on_step=None, signals: bool = False):
+def _toy_run(cfg: SFTConfig, total: int, stop_after=None, on_step=None, signals=False, raise_stopped=False):
     """A toy regression loop in the job shell; returns (weights, job)."""
-    with TrainJob(cfg, kind="sft", total_steps=total, install_signal_handlers=signals) as job:
+    job = TrainJob(cfg, kind="sft", total_steps=total, install_signal_handlers=signals)
+    with contextlib.nullcontext() if raise_stopped else contextlib.suppress(JobStopped), job:
         model = torch.nn.Linear(4, 1)
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (total + 1))
@@ -170,5 +172,9 @@ def test_sigterm_checkpoints_at_the_next_step_then_stops(tmp_path):
     _, job = _toy_run(_cfg(tmp_path / "t", checkpoint_every=0), total=1000, on_step=term, signals=True)
     assert job.status().state == trainer_pb2.JOB_STATE_STOPPED
     assert job.step == 3 and "SIGTERM" in job.status().message
+    with pytest.raises(JobStopped) as info:
+        _toy_run(_cfg(tmp_path / "t2", checkpoint_every=0), total=1000, stop_after=1, raise_stopped=True)
+    assert info.value.exit_code == 3 and info.value.step == 2
+    assert info.value.checkpoint == tmp_path / "t2" / "checkpoints" / "step-2"
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text().strip() == "step-3"
     assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone after the job

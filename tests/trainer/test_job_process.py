@@ -169,7 +169,8 @@ def test_trainer_service_status_and_stop_from_another_process(tmp_path, tiny_lm_
             assert "loss" in status.metrics and status.snapshot == sft_jsonl
             stopped = stub.Stop(trainer_pb2.StopRequest(reason="test"), timeout=10).status
             assert stopped.state == trainer_pb2.JOB_STATE_STOPPING
-        assert proc.wait(timeout=120) == 0
+        assert proc.wait(timeout=120) == 3  # stopped before the end: resumable, not a success
+        assert "resume with --resume" in proc.stderr.read()
     finally:
         if proc.poll() is None:
             proc.kill()
