@@ -39,6 +39,10 @@ UNBATCHED = 300  # single-comparison requests
 PROFILE_REQUESTS = 40
 
 
+class _Skip(Exception):
+    pass
+
+
 def comparison_requests(prefix: str, requests: int, size: int):
     """AddComparisons requests with realistic sizes (a ~70-char prompt, two ~170-char responses)."""
     from rlhf.feedback import records as rec
@@ -306,6 +310,7 @@ def run(out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="rlhf-bench-feedback-"))
     load_before = os.getloadavg()
+    wanted = os.environ.get("RLHF_BENCH_FEEDBACK_BACKENDS", "sqlite,postgresql").split(",")
     backends: dict = {}
     try:
         backends["sqlite"] = bench_backend(
@@ -318,6 +323,8 @@ def run(out_dir: Path) -> dict:
         )
         pg = None
         try:
+            if "postgresql" not in wanted:
+                raise _Skip("not in RLHF_BENCH_FEEDBACK_BACKENDS")
             if os.environ.get("RLHF_BENCH_POSTGRES_URL"):
                 url = direct = os.environ["RLHF_BENCH_POSTGRES_URL"]  # (the two runs use other keys)
             elif find_pg_bin() is not None:
@@ -331,6 +338,8 @@ def run(out_dir: Path) -> dict:
                 )
             else:
                 backends["postgresql"] = {"skipped": "no PostgreSQL (apt-get install postgresql)"}
+        except _Skip as skip:
+            backends["postgresql"] = {"skipped": str(skip)}
         finally:
             if pg is not None:
                 pg.stop()
