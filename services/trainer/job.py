@@ -733,7 +733,9 @@ class TrainJob:
         """Flags OR-ed over all ranks (stop and checkpoint requests reach rank 0 or one rank's signal)."""
         if self.world_size == 1:
             return list(flags)
-        tensor = torch.tensor([float(f) for f in flags])
+        nccl = torch.distributed.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        tensor = torch.tensor([float(f) for f in flags], device=device)
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return [bool(x) for x in tensor.tolist()]
 
