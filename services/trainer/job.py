@@ -583,7 +583,12 @@ class TrainJob:
     def resume(self) -> dict:
         """With ``cfg.resume`` and a checkpoint in run_dir: restore every tracked object, the RNG states and
         step/epoch, and return the saved ``train_state``. Otherwise return {} (``__enter__`` seeded the RNGs)."""
-        path = self.latest_checkpoint() if self.cfg.resume else None
+        path = self.latest_checkpoint()
+        if path is not None and not self.cfg.resume:
+            raise FailedPrecondition(
+                f"run_dir: {self.run_dir} holds checkpoints of an earlier run (latest {path.name}); pass --resume "
+                "to continue it, or choose another --run-dir"
+            )
         if path is None:
             if self.cfg.resume:
                 log.info("no checkpoint in %s: starting the run from step 0", self.checkpoint_dir)

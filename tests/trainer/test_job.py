@@ -178,3 +178,12 @@ def test_sigterm_checkpoints_at_the_next_step_then_stops(tmp_path):
     assert info.value.checkpoint == tmp_path / "t2" / "checkpoints" / "step-2"
     assert (tmp_path / "t" / "checkpoints" / "latest").read_text().strip() == "step-3"
     assert signal.getsignal(signal.SIGTERM) is before  # the job's handler is gone after the job
+
+
+def test_a_fresh_run_does_not_start_over_an_earlier_runs_checkpoints(tmp_path):
+    from rlhf.core.errors import FailedPrecondition
+
+    _toy_run(_cfg(tmp_path / "x", checkpoint_every=2), total=2)
+    with pytest.raises(FailedPrecondition, match="--resume"):
+        _toy_run(_cfg(tmp_path / "x", checkpoint_every=2), total=2)
+    assert [h["step"] for h in read_metrics(tmp_path / "x")] == [1, 2]  # the earlier history is untouched
