@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from rlhf.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from rlhf.feedback import jsonl
 from rlhf.feedback.labeling import Judgment, LabelingQueue
+from rlhf.feedback.validation import LABELER_ID
 from rlhf.v1 import feedback_pb2
 
 log = logging.getLogger("rlhf.labeling")
@@ -65,6 +66,11 @@ class TokenBook:
                     parts = line.split()
                     if len(parts) != 2:
                         log.warning("%s:%d: expected 'LABELER_ID TOKEN'; line ignored", self.path, n)
+                        continue
+                    if not LABELER_ID.match(parts[0]):
+                        log.warning(
+                            "%s:%d: labeler id is not 1-128 chars of [A-Za-z0-9._:@-]; ignored", self.path, n
+                        )
                         continue
                     tokens[parts[1]] = parts[0]
                 self._tokens, self._mtime = tokens, mtime
