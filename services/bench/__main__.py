@@ -13,6 +13,7 @@ BENCHMARKS = {
     "feedback": "rlhf.bench.feedback",
     "generation": "rlhf.bench.generation",
     "reward": "rlhf.bench.reward",
+    "labeling": "rlhf.bench.labeling",
     "rl": "rlhf.bench.rl",
 }
 
