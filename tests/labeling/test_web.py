@@ -57,7 +57,9 @@ def test_unknown_tokens_and_forms_without_csrf_are_refused(setup):
     response = sign_in(client, "ann-secret")
     assert response.status_code == 302 and response.location.endswith("/label")
     page = client.get("/label")
-    assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+    assert "script-src 'nonce-" in page.headers["Content-Security-Policy"]
+    nonce = re.search(r"'nonce-([^']+)'", page.headers["Content-Security-Policy"]).group(1)
+    assert f'<script nonce="{nonce}">' in page.text
     task_id = re.search(r'action="/label/(task_\w+)"', page.text).group(1)
     assert client.post(f"/label/{task_id}", data={"chosen": "0", "csrf": "forged"}).status_code == 400
 
