@@ -14,6 +14,8 @@ from rlhf.trainer.config import RewardModelConfig, SFTConfig
 
 def _report(kind: str, run, cfg) -> int:
     """Run the job; print where its model went, or a one-line error (exit 2) for bad data or settings."""
+    import grpc
+
     from rlhf.core.errors import ServiceError
     from rlhf.trainer.job import JobStopped
 
@@ -28,6 +30,15 @@ def _report(kind: str, run, cfg) -> int:
     except ServiceError as exc:
         print(f"{kind}: {exc.code.name}: {exc.message}", file=sys.stderr)
         return 2
+    except grpc.RpcError as exc:  # a service (feedback store, generation, reward) refused or stayed down
+        print(f"{kind}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        bad_request = exc.code() in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        return 2 if bad_request else 1
     print(f"{kind}: {path}", file=sys.stderr)
     return 0
 

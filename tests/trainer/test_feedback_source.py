@@ -14,7 +14,7 @@ from rlhf.trainer.job import read_metrics
 from rlhf.trainer.sft import run_sft
 
 
-def test_sft_and_pairs_from_a_snapshot_on_a_feedback_server(tmp_path, tiny_lm_path, sft_jsonl):
+def test_sft_and_pairs_from_a_snapshot_on_a_feedback_server(tmp_path, tiny_lm_path, sft_jsonl, capsys):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RLHF_TORCH_THREADS": "1"}
     args = ["--database-url", f"sqlite:///{tmp_path / 'fb.db'}", "--grace-seconds", "1"]
     with Launcher(tmp_path / "services", env=env) as launcher:
@@ -54,6 +54,14 @@ def test_sft_and_pairs_from_a_snapshot_on_a_feedback_server(tmp_path, tiny_lm_pa
             torch_threads=1,
         )
         final = run_sft(cfg)
+
+        from rlhf.cli import main
+
+        code = main(
+            ["train", "sft", "--feedback-target", target, "--snapshot", "no-such-snapshot", "--no-serve"]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and "NOT_FOUND" in err and "no-such-snapshot" in err, err[-2000:]
     assert (final / "model.safetensors").exists()
     history = read_metrics(tmp_path / "run")
     assert [h["step"] for h in history] == [1, 2, 3] and "eval_loss" in history[-1]
