@@ -24,8 +24,9 @@ from rlhf.bench import write_result
 CALLERS = 32
 BLOCKS = 3  # alternating blocks per configuration
 PER_CALLER = 2  # requests per caller in a block
-# torch threads of each server; RLHF_BENCH_THREADS=1 avoids OpenMP barrier stalls on a crowded machine
-THREADS = int(os.environ.get("RLHF_BENCH_THREADS", "2"))
+# torch threads of each server: 1, the service's default (RLHF_BENCH_THREADS=2 to compare). On a crowded 2-core
+# machine 2 threads stall on OpenMP barriers, and the stalls grow with the size of the batch.
+THREADS = int(os.environ.get("RLHF_BENCH_THREADS", "1"))
 CONFIGS = {
     "micro_batching": {"max_batch_size": 32, "max_wait_ms": 10},
     "one_forward_per_request": {"max_batch_size": 1, "max_wait_ms": 0},
