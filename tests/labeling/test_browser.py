@@ -20,6 +20,7 @@ from rlhf.feedback.store import FeedbackStore
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -140,9 +141,19 @@ def wait(driver, condition, timeout=30):
     return WebDriverWait(driver, timeout).until(condition)
 
 
-def loaded(driver) -> None:
-    """Wait until the current page has run its scripts (the keyboard shortcuts are bound at the end)."""
-    wait(driver, lambda d: d.execute_script("return document.readyState") == "complete")
+def navigate(driver, action) -> None:
+    """Run ``action`` (a click or a key that loads a new page) and wait until the new page ran its scripts.
+
+    The old page is marked with a window property; the new document has none. Errors while the browser is
+    between documents are retried (Chromium can answer a query during navigation with an inspector error).
+    """
+    driver.execute_script("window.__rlhfOldPage = true")
+    action()
+    WebDriverWait(driver, 30, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return window.__rlhfOldPage === undefined && document.readyState === 'complete'"
+        )
+    )
 
 
 def sign_in(driver, base: str, token: str) -> None:
@@ -150,9 +161,7 @@ def sign_in(driver, base: str, token: str) -> None:
     driver.get(base + "/login")
     field = wait(driver, ec.presence_of_element_located((By.ID, "token")))
     field.send_keys(token)
-    driver.find_element(By.ID, "sign-in").click()
-    wait(driver, ec.staleness_of(field))  # the next page has replaced the form
-    loaded(driver)
+    navigate(driver, driver.find_element(By.ID, "sign-in").click)
 
 
 def flash_texts(driver) -> list[str]:
@@ -165,11 +174,7 @@ def shown_task_id(driver) -> str:
 
 
 def submit_and_wait(driver, action) -> None:
-    """Run ``action`` (a click or a key press that posts the form) and wait for the next page."""
-    old = driver.find_element(By.TAG_NAME, "main")
-    action()
-    wait(driver, ec.staleness_of(old))
-    loaded(driver)
+    navigate(driver, action)
 
 
 def press(driver, key: str) -> None:
@@ -215,12 +220,16 @@ def test_a_labeler_labels_with_clicks_and_keys_and_each_judgment_is_stored_once(
     submit_and_wait(browser, lambda: press(browser, Keys.ENTER))
     assert "Saved." in flash_texts(browser)
 
-    # Task 3 is one response to rate (a chat prompt): "5" sets the score, Enter submits.
+    # Task 3 is one response to rate (a chat prompt): "5" sets the score; typing a reason ("S" in it must not
+    # skip), Ctrl+Enter submits from the text box.
     assert shown_task_id(browser) == ids[2]
     roles = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#prompt .role")]
     assert roles == ["SYSTEM", "USER"]
     press(browser, "5")
-    submit_and_wait(browser, lambda: press(browser, Keys.ENTER))
+    assert browser.find_element(By.ID, "score-5").is_selected()
+    reason = browser.find_element(By.ID, "reason")
+    reason.send_keys("Short and right.")
+    submit_and_wait(browser, lambda: reason.send_keys(Keys.CONTROL, Keys.ENTER))
 
     # Task 4: S skips it.
     assert shown_task_id(browser) == ids[3]
@@ -240,8 +249,7 @@ def test_a_labeler_labels_with_clicks_and_keys_and_each_judgment_is_stored_once(
         """
     )
     assert statuses == [200, 200]
-    browser.refresh()
-    loaded(browser)
+    navigate(browser, browser.refresh)
     assert wait(browser, ec.presence_of_element_located((By.ID, "empty")))
     assert browser.find_element(By.ID, "done-today").text == "4"
     assert browser.find_element(By.ID, "left-for-you").text == "0"
@@ -260,7 +268,7 @@ def test_a_labeler_labels_with_clicks_and_keys_and_each_judgment_is_stored_once(
     assert ratings[ids[0]].score == 6 and ratings[ids[0]].response.text.startswith("Sunlight")
     assert comparisons[ids[1]].chosen_index == 1
     assert comparisons[ids[1]].responses[0].text == SCRIPT  # stored as sent
-    assert ratings[ids[2]].score == 5
+    assert ratings[ids[2]].score == 5 and ratings[ids[2]].reason == "Short and right."
     assert comparisons[ids[4]].chosen_index == 0
     assert all(c.idempotency_key == judgment_key(t, "alice") for t, c in comparisons.items())
 
