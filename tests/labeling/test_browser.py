@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import urllib.request
 from pathlib import Path
 
@@ -309,33 +308,3 @@ def test_the_overview_shows_judgments_agreement_and_exports(service, browser):
     lines = [json.loads(line) for line in exported.splitlines()]
     assert len(lines) >= 18 + 3
     assert all(line["metadata"]["labeling_task_id"].startswith("task_") for line in lines)
-
-
-@pytest.mark.skipif(shutil.which("rlhf") is None, reason="the rlhf console script is not installed")
-def test_enqueue_from_the_command_line(tmp_path):
-    import subprocess
-
-    tasks = tmp_path / "tasks.jsonl"
-    tasks.write_text(
-        json.dumps({"prompt": "Say hi.", "responses": ["Hi!", "Hello there."]})
-        + "\n"
-        + json.dumps(
-            {"prompt": [{"role": "user", "content": "Rate me."}], "response": "Done.", "redundancy": 3}
-        )
-        + "\n"
-    )
-    url = f"sqlite:///{tmp_path}/f.db"
-    for expected in ("queued 2 new tasks (0 already queued)", "queued 0 new tasks (2 already queued)"):
-        out = subprocess.run(
-            ["rlhf", "feedback", "enqueue", str(tasks), "--database-url", url, "--redundancy", "2"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        assert expected in out.stderr and "5 judgments now wanted" in out.stderr
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "x", "responses": ["same", "same"]}\n')
-    out = subprocess.run(
-        ["rlhf", "feedback", "enqueue", str(bad), "--database-url", url], capture_output=True, text=True
-    )
-    assert out.returncode == 2 and "tasks[0].responses[1].text: identical to responses[0]" in out.stderr
