@@ -204,7 +204,8 @@ def _policy_table(evals: dict[str, dict]) -> str:
 def _targets_table(targets: Sequence[dict]) -> str:
     lines = ["| target | wanted | reached | met |", "| --- | --- | --- | :---: |"]
     for t in targets:
-        lines.append(f"| {t['name']} | {t['wanted']} | {t['reached']} | {'yes' if t['met'] else 'no'} |")
+        name, wanted, reached = (str(t[k]).replace("|", "\\|") for k in ("name", "wanted", "reached"))
+        lines.append(f"| {name} | {wanted} | {reached} | {'yes' if t['met'] else 'no'} |")
     return "\n".join(lines)
 
 

@@ -51,7 +51,7 @@ def _results(tmp_path, with_metrics=True):
         "eval_prompts": prompts,
         "win_rate": {"name": "PPO over SFT", "rate": 1.0, "low": 1.0, "high": 1.0, "n": 2},
         "reward_model": {"eval_accuracy": 0.71, "bayes_optimal_accuracy": 0.74, "label_gold_agreement": 0.73},
-        "targets": [{"name": "win rate", "wanted": ">= 80%", "reached": "100%", "met": True}],
+        "targets": [{"name": "KL(PPO || SFT)", "wanted": "<= 10", "reached": "2.0", "met": True}],
         "checkpoints": {"SFT": str(tmp_path / "sft"), "PPO": str(tmp_path / "ppo")},
         "stage_seconds": {"sft": 1.0},
     }
@@ -91,6 +91,7 @@ def test_report_writes_pngs_and_markdown_with_the_numbers(tmp_path):
     assert "100.0%" in text
     assert "Write a review \\| of a cafe." in text  # pipes escaped in the sample table
     assert str(tmp_path / "ppo") in text
+    assert "| KL(PPO \\|\\| SFT) | <= 10 | 2.0 | yes |" in text  # pipes in a cell do not split it
 
 
 def test_report_without_ppo_metrics_still_renders(tmp_path):
