@@ -2,7 +2,7 @@
 
 Every call puts its pairs (already token ids) in one queue, each pair tagged with the model the call was bound
 to when it arrived. A single collector task waits until ``max_batch_size`` pairs are queued or the oldest has
-waited ``max_wait_ms``, takes a window of queued pairs, groups them by model, sorts each group by length (so
+waited ``max_wait_ms`` (a little longer while calls already received are still being tokenized), takes a window of queued pairs, groups them by model, sorts each group by length (so
 rows of similar length share a batch and padding stays small), cuts it into batches of at most
 ``max_batch_size`` rows and ``max_batch_tokens`` padded tokens, and runs the forward passes one after another
 on one worker thread (torch uses the intra-op threads). Pairs queued during a forward pass join the next one.
@@ -28,6 +28,9 @@ log = logging.getLogger("rlhf.reward.batcher")
 
 # How many max_batch_size batches one collection window may hold: a wider window sorts better.
 WINDOW_BATCHES = 4
+# A batch waits up to this many times max_wait_ms for pairs of calls already received but still being tokenized
+# (a burst of callers arrives faster than one thread tokenizes it).
+INCOMING_WAIT_FACTOR = 10
 
 ScoreFn = Callable[[object, list[list[int]]], list[float]]
 
@@ -77,6 +80,7 @@ class MicroBatcher:
         self._own_executor = executor is None
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="reward-forward")
         self._pending: deque[_Pending] = deque()
+        self._incoming = 0  # pairs of received calls still being tokenized (see announce)
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.forward_passes = 0  # batches run so far (tests and the benchmark read it)
@@ -106,8 +110,24 @@ class MicroBatcher:
         if self._own_executor:
             self._executor.shutdown(wait=True)
 
+    @contextlib.contextmanager
+    def announce(self, n: int):
+        """Tell the collector that ``n`` pairs are on their way (being tokenized), so that a batch about to start
+        on an idle worker waits for them a little (at most ``INCOMING_WAIT_FACTOR`` x max_wait_ms)."""
+        self._incoming += n
+        try:
+            yield
+        finally:
+            self._incoming -= n
+            if self._wakeup is not None:
+                self._wakeup.set()
+
     async def score(self, model, sequences: list[list[int]]) -> list[float]:
         """Raw scores of ``sequences`` with ``model``, in order (micro-batched with other callers)."""
+        return await self.wait(self.submit(model, sequences))
+
+    def submit(self, model, sequences: list[list[int]]) -> list[asyncio.Future]:
+        """Queue ``sequences`` for ``model`` now; their futures resolve to the scores (see :meth:`wait`)."""
         if self._task is None or self._task.done():
             raise Unavailable("the reward batcher is not running")
         if len(self._pending) + len(sequences) > self.max_queue:
@@ -119,6 +139,10 @@ class MicroBatcher:
         self._pending.extend(_Pending(model, ids, f) for ids, f in zip(sequences, futures, strict=True))
         metrics.QUEUE_DEPTH.set(len(self._pending))
         self._wakeup.set()
+        return futures
+
+    @staticmethod
+    async def wait(futures: list[asyncio.Future]) -> list[float]:
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:
@@ -132,16 +156,17 @@ class MicroBatcher:
             while not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            deadline = loop.time() + self.max_wait
+            first = loop.time()
+            deadline, hard_deadline = first + self.max_wait, first + self.max_wait * INCOMING_WAIT_FACTOR
             while len(self._pending) < self.max_batch_size:
-                remaining = deadline - loop.time()
+                now = loop.time()
+                # past max_wait, keep waiting only for calls already received and still being tokenized
+                remaining = (deadline if now < deadline or not self._incoming else hard_deadline) - now
                 if remaining <= 0:
                     break
                 self._wakeup.clear()
-                try:
+                with contextlib.suppress(TimeoutError):  # the loop decides whether time is up
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    break
             window: list[_Pending] = []
             while self._pending and len(window) < self.max_batch_size * WINDOW_BATCHES:
                 p = self._pending.popleft()

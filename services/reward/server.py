@@ -133,17 +133,21 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             else:
                 raise InvalidArgument("truncation", f"unknown policy {request.truncation}")
             loaded = self._model()
-            encoded = await self._run(
-                self._tokenize,
-                functools.partial(
-                    scoring.encode_request,
-                    loaded,
-                    request.items,
-                    truncation=truncation,
-                    max_chars=self.config.max_text_chars,
-                ),
-            )
-            scores = await self.batcher.score(loaded, [e.ids for e in encoded])
+            with self.batcher.announce(n):
+                encoded = await self._run(
+                    self._tokenize,
+                    functools.partial(
+                        scoring.encode_request,
+                        loaded,
+                        request.items,
+                        truncation=truncation,
+                        max_chars=self.config.max_text_chars,
+                    ),
+                )
+                futures = self.batcher.submit(
+                    loaded, [e.ids for e in encoded]
+                )  # queued before the announcement ends
+            scores = await self.batcher.wait(futures)
         except ServiceError as exc:
             metrics.REQUESTS_REJECTED.labels(rejection_reason(exc)).inc()
             metrics.REQUEST_DURATION.observe(time.perf_counter() - start)

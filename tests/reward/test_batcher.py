@@ -105,3 +105,25 @@ def test_cancelled_callers_are_skipped_and_full_queue_is_refused():
 
     assert run(go()) == ([1], [4])
     assert [lengths for _, lengths in fake.batches] == [[1], [4]]  # the cancelled pairs never ran
+
+
+def test_a_batch_waits_for_announced_calls_still_being_tokenized():
+    """Past max_wait_ms, the batch still waits (up to 10x) for pairs of calls already received."""
+    fake = FakeForward()
+
+    async def go():
+        batcher = MicroBatcher(fake, max_batch_size=8, max_wait_ms=200)
+        batcher.start()
+
+        async def slow_tokenizing_call():
+            with batcher.announce(1):
+                await asyncio.sleep(0.5)  # longer than max_wait_ms, shorter than 10x
+                futures = batcher.submit(OLD, [[0] * 2])
+            return await batcher.wait(futures)
+
+        out = await asyncio.gather(batcher.score(OLD, [[0] * 1]), slow_tokenizing_call())
+        await batcher.stop()
+        return out
+
+    assert run(go()) == [[1], [2]]
+    assert fake.batches == [("old", [1, 2])]  # one forward pass for both
