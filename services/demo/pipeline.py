@@ -748,11 +748,11 @@ def reward_model_accuracy(store, rm_client, snapshot: str, pool, rm_path: Path) 
         prompt = rec.prompt_value(c.prompt)
         items += [(prompt, c.responses[0].text), (prompt, c.responses[1].text)]
     scores = rm_client.score(items)
-    correct, gold_correct = 0.0, 0.0
+    hits, gold_correct = [], 0.0
     for i, c in enumerate(comparisons):
         s0, s1 = scores[2 * i], scores[2 * i + 1]
         chosen, other = (s0, s1) if c.chosen_index == 0 else (s1, s0)
-        correct += 1.0 if chosen > other else 0.5 if chosen == other else 0.0
+        hits.append(1.0 if chosen > other else 0.5 if chosen == other else 0.0)
         flags = c.metadata.get("finished", "1,1").split(",")
         g0 = gold_score(c.responses[0].text, finished=flags[0] == "1")
         g1 = gold_score(c.responses[1].text, finished=flags[-1] == "1")
@@ -761,8 +761,10 @@ def reward_model_accuracy(store, rm_client, snapshot: str, pool, rm_path: Path) 
         else:
             gold_correct += 0.5
     bayes, used = bayes_optimal_accuracy_of_records(comparisons, pool.by_id())
+    accuracy, low, high = ev.bootstrap_mean_ci(hits)
     out.update(
-        eval_accuracy=correct / len(comparisons),
+        eval_accuracy=accuracy,
+        eval_accuracy_ci=[low, high],
         bayes_optimal_accuracy=bayes,
         bayes_comparisons=used,
         label_gold_agreement=gold_agreement_of_records(comparisons),

@@ -242,11 +242,23 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
         lines += [
             "## Reward model",
             "",
-            f"- held-out accuracy on labeler comparisons: {_fmt(rm.get('eval_accuracy'))}",
+            f"- held-out accuracy on labeler comparisons (scored by the reward service): "
+            f"{_fmt(rm.get('eval_accuracy'))}"
+            + (
+                f" (95% CI {rm['eval_accuracy_ci'][0]:.3f} – {rm['eval_accuracy_ci'][1]:.3f}, "
+                f"{rm.get('eval_comparisons', '?')} comparisons)"
+                if rm.get("eval_accuracy_ci")
+                else ""
+            ),
             f"- Bayes-optimal accuracy of the noisy labelers on the same comparisons: "
             f"{_fmt(rm.get('bayes_optimal_accuracy'))}",
             f"- labels that agree with gold: {_fmt(rm.get('label_gold_agreement'))}",
         ]
+        if rm.get("trainer_eval_accuracy") is not None:
+            lines.append(
+                "- the RM trainer's own eval accuracy (eval split incl. pairs from ratings): "
+                f"{_fmt(rm['trainer_eval_accuracy'])}"
+            )
         if rm.get("gold_pair_accuracy") is not None:
             lines.append(
                 f"- RM agrees with gold on held-out comparison pairs: {_fmt(rm.get('gold_pair_accuracy'))}"
