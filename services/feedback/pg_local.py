@@ -47,6 +47,7 @@ class LocalPostgres:
         self.dir = Path(tempfile.mkdtemp(prefix="rlhf-pg-", dir=base_dir))
         self.data = self.dir / "data"
         self.port = 0
+        self._shared: set[str] = set()
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             shutil.chown(self.dir, "postgres", "postgres")
@@ -105,6 +106,23 @@ class LocalPostgres:
             c.execute(f'DROP DATABASE IF EXISTS "{name}"')
             c.execute(f'CREATE DATABASE "{name}"')
         return self.database_url(name)
+
+    def create_schema(self, name: str, database: str = "rlhf_tests") -> str:
+        """Create a fresh schema in one shared database; returns a URL whose connections use it (search_path).
+
+        Much cheaper than a database per test: no copy of the 8 MB template to write, then delete.
+        """
+        import psycopg
+
+        if database not in self._shared:
+            self.create_database(database)
+            self._shared.add(database)
+        with psycopg.connect(
+            f"host=127.0.0.1 port={self.port} user=postgres dbname={database}", autocommit=True
+        ) as c:
+            c.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+            c.execute(f'CREATE SCHEMA "{name}"')
+        return f"{self.database_url(database)}?options=-csearch_path%3D{name}"
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -38,10 +38,11 @@ def postgres():
 
 
 def new_database_url(request, backend: str, tmp_path) -> str:
+    """A new, empty SQLite file, or a new schema in the session's PostgreSQL server (it behaves as a database)."""
     if backend == "sqlite":
         return f"sqlite:///{tmp_path}/feedback-{next(_db_numbers)}.db"
     pg = request.getfixturevalue("postgres")
-    return pg.create_database(f"feedback_{os.getpid()}_{next(_db_numbers)}")
+    return pg.create_schema(f"feedback_{os.getpid()}_{next(_db_numbers)}")
 
 
 @pytest.fixture(params=BACKENDS)
