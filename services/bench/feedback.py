@@ -123,34 +123,44 @@ def _durability(url: str, backend: str) -> dict:
         }
 
 
-def _profile_summary(raw: Path, top: int = 18) -> dict:
-    """Self and inclusive shares of py-spy's raw (collapsed) stacks, by function."""
+# Where a sample of the server goes: the first of these found walking from the innermost frame outwards.
+PROFILE_CATEGORIES = [
+    ("store-size and record-count gauges (GetStats every stats_refresh_seconds)", ("FeedbackStore.stats",)),
+    ("durable commit (fsync)", ("do_commit",)),
+    ("insert (executemany)", ("_insert_records",)),
+    ("idempotency key lookup", ("_stored_hashes",)),
+    ("labelers and prompt references", ("_ensure_labelers", "_resolve_prompts")),
+    ("validation", ("validation.py",)),
+    ("payloads and hashes", ("records.py", "FeedbackStore._row", "FeedbackStore.prepare")),
+    ("begin transaction, lock", ("FeedbackStore._write_tx", "Engine.begin")),
+    ("other store code", ("store.py",)),
+]
+OTHER = "gRPC, protobuf, event loop, threads"
+
+
+def _profile_summary(raw: Path, top: int = 15) -> dict:
+    """Shares of py-spy's raw (collapsed) stacks by category, and the functions with the most own samples."""
+    by_category: collections.Counter = collections.Counter()
     own: collections.Counter = collections.Counter()
-    incl: collections.Counter = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        n = int(count)
-        frames = [
-            f.split(" (")[0] + " (" + f.split(" (")[-1].split(":")[0].split("/")[-1] for f in stack.split(";")
-        ]
-        frames = [f + ")" if not f.endswith(")") else f for f in frames]
+        n, frames = int(count), stack.split(";")
         total += n
-        own[frames[-1]] += n
-        for frame in set(frames):
-            incl[frame] += n
-    boring = ("Thread.", "_bootstrap", "_worker (", "_WorkItem.run", "<module>", "_run_code", "_run_module")
-
-    def share(counter):
-        return [
-            {"function": f, "share": round(c / total, 3)}
-            for f, c in counter.most_common(200)
-            if not f.startswith(boring)
-        ][:top]
-
-    return {"samples": total, "self": share(own), "inclusive": share(incl)}
+        own[frames[-1].rsplit(":", 1)[0] + ")"] += n
+        category = None
+        for frame in reversed(frames):
+            category = next((c for c, marks in PROFILE_CATEGORIES if any(m in frame for m in marks)), None)
+            if category:
+                break
+        by_category[category or OTHER] += n
+    return {
+        "samples": total,
+        "breakdown": {c: round(k / total, 3) for c, k in by_category.most_common()},
+        "top_self": [{"function": f, "share": round(k / total, 3)} for f, k in own.most_common(top)],
+    }
 
 
 def _profile_ingest(service, client, out_dir: Path, name: str) -> dict | None:
@@ -293,13 +303,9 @@ def _markdown(result: dict) -> str:
     ]
     for backend, r in result["backends"].items():
         prof = r.get("server_profile_batch_1000") if isinstance(r, dict) else None
-        if prof and "inclusive" in prof:
-            lines += [
-                "",
-                f"## Where the {backend} server's time goes (py-spy, batches of 1000, inclusive)",
-                "",
-            ]
-            lines += [f"- {p['share']:.0%} {p['function']}" for p in prof["inclusive"]]
+        if prof and "breakdown" in prof:
+            lines += ["", f"## Where the {backend} server's time goes (py-spy, batches of 1000)", ""]
+            lines += [f"- {share:.0%} {category}" for category, share in prof["breakdown"].items()]
     return "\n".join(lines) + "\n"
 
 
