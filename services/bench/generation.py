@@ -22,6 +22,7 @@ from rlhf.bench import write_result
 THREADS = 2
 MAX_NEW_TOKENS = 48
 TEMPERATURE = 0.7
+RUNS = int(os.environ.get("RLHF_BENCH_RUNS", "1"))  # timed repetitions (best kept); 1 on a shared machine
 PROMPTS = [
     "Write a short review of a restaurant you liked.",
     "Give me three tips for learning to cook.",
@@ -75,7 +76,7 @@ def in_process_generate(model_path: Path) -> dict:
     with torch.inference_mode():
         model.generate(**batch, max_new_tokens=4, do_sample=False)  # warm-up
         runs = []
-        for _ in range(2):
+        for _ in range(RUNS):
             start = time.perf_counter()
             out = model.generate(**batch, **kwargs)
             seconds = time.perf_counter() - start
@@ -94,7 +95,6 @@ def run(out_dir: Path) -> dict:
     model_path = resolve_model_path(None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result: dict = {"model": str(model_path), "threads": THREADS, "max_new_tokens": MAX_NEW_TOKENS}
-    result["in_process_generate_16"] = in_process_generate(model_path)
 
     with Launcher(tempfile.mkdtemp(prefix="bench-generation-")) as launcher:
         service = launcher.start(
@@ -113,11 +113,13 @@ def run(out_dir: Path) -> dict:
             env={"RLHF_TORCH_THREADS": str(THREADS)},
             timeout=600,
         )
-        with PolicyClient(service.target, timeout=600) as client:
+        # measured back to back (the idle server uses no CPU), so both see the same machine load
+        result["in_process_generate_16"] = in_process_generate(model_path)
+        with PolicyClient(service.target, timeout=3600) as client:
             kw = dict(max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE)
             client.generate(PROMPTS[:2], max_new_tokens=4, temperature=0.0)  # warm-up
             runs = []
-            for seed in range(2):
+            for seed in range(RUNS):
                 start = time.perf_counter()
                 response = client.generate_response(PROMPTS, seed=seed, **kw)
                 seconds = time.perf_counter() - start
