@@ -182,7 +182,7 @@ def ratings_to_comparisons(ratings: Iterable[RawRecord], margin: float = 0.0) ->
 
 
 def _freeze(prompt: Prompt) -> Prompt | tuple:
-    """Prompts are kept hashable (dataclasses are frozen): chat prompts as tuples of dicts."""
+    """Chat prompts are stored as tuples of message dicts in the frozen records (str prompts as they are)."""
     return prompt if isinstance(prompt, str) else tuple(prompt)
 
 
