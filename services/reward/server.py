@@ -144,9 +144,8 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
                         max_chars=self.config.max_text_chars,
                     ),
                 )
-                futures = self.batcher.submit(
-                    loaded, [e.ids for e in encoded]
-                )  # queued before the announcement ends
+                # queued before the announcement ends, so the collector never sees a gap
+                futures = self.batcher.submit(loaded, [e.ids for e in encoded])
             scores = await self.batcher.wait(futures)
         except ServiceError as exc:
             metrics.REQUESTS_REJECTED.labels(rejection_reason(exc)).inc()
