@@ -374,6 +374,9 @@ class FeedbackStore:
 
     def _stored_hashes(self, conn, kind: str, keys: list[str]) -> dict[str, str]:
         """content_hash of the stored records of ``kind`` among ``keys``."""
+        if self.backend == "postgresql":  # one short statement with an array (psycopg parses it once)
+            sql = "SELECT idempotency_key, content_hash FROM records WHERE kind = %s AND idempotency_key = ANY(%s)"
+            return dict(conn.exec_driver_sql(sql, (kind, keys)).all())
         stored: dict[str, str] = {}
         for chunk in _chunks(keys):
             q = sa.select(records.c.idempotency_key, records.c.content_hash).where(
