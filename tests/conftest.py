@@ -17,7 +17,7 @@ def _torch_threads():
         from rlhf.core.models import set_torch_threads
     except ImportError:  # torch not installed: only the tests that do not need it run
         return
-    set_torch_threads(int(os.environ.get("RLHF_TEST_TORCH_THREADS", "2")))
+    set_torch_threads(int(os.environ.get("RLHF_TEST_TORCH_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
