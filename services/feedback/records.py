@@ -41,9 +41,13 @@ SPLIT_FROM_NAME = {"train": feedback_pb2.SPLIT_TRAIN, "eval": feedback_pb2.SPLIT
 PromptLike = str | Sequence[dict] | common_pb2.Prompt
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
 def canonical_json(obj: Any) -> str:
-    """Deterministic JSON (sorted keys, no spaces): the input of content hashes."""
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """Deterministic JSON (sorted keys, no spaces): the input of content hashes. (The same as
+    ``json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))``, one encoder for all.)"""
+    return _CANONICAL.encode(obj)
 
 
 def sha256_hex(text: str) -> str:

@@ -1,5 +1,7 @@
 """Validation of records without a database: every error names the record's index and field."""
 
+import json
+
 import pytest
 
 from rlhf.core.errors import InvalidArgument
@@ -197,7 +199,18 @@ def test_content_hash_from_encoded_payload_is_the_hash_of_the_whole_object():
     payload = rec.comparison_payload(
         good_comparison(prompt=[{"role": "user", "content": 'héllo "q"\n'}], reason="🙂", metadata={"b": "1"})
     )
+    for value in [payload, "é\n", [1.5, 1e-7, None, True], {"b": {"z": 1, "a": 2}, "a": []}]:
+        assert rec.canonical_json(value) == json.dumps(
+            value, sort_keys=True, ensure_ascii=False, separators=(",", ":")
+        )
     for labeler, prompt_id in [("alice", ""), ("", "pr_1"), ("", "")]:
-        whole = rec.sha256_hex(rec.canonical_json({"p": payload, "l": labeler, "pid": prompt_id}))
+        whole = rec.sha256_hex(
+            json.dumps(
+                {"p": payload, "l": labeler, "pid": prompt_id},
+                sort_keys=True,
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
+        )
         assert rec.content_hash(payload, labeler, prompt_id) == whole
         assert rec.content_hash_of_json(rec.canonical_json(payload), labeler, prompt_id) == whole
