@@ -126,6 +126,7 @@ class Rollout:
 
     input_ids / attention_mask: (B, P + T), each prompt left-padded to P and each response right-padded to T,
     so response token t of every row sits at column P + t and is predicted by the logits at column P + t - 1.
+    The first ``prefix_length`` columns hold the prompts' common prefix (the padding comes after it).
     """
 
     prompts: list[Prompt]  # (B,) the prompt of each response, as sent to the reward service
@@ -139,6 +140,7 @@ class Rollout:
     policy_version: int
     scores: torch.Tensor | None = None  # (B,) the scores the rewards are shaped from
     raw_scores: torch.Tensor | None = None  # (B,) the reward service's raw scores
+    prefix_length: int = 0  # leading columns that hold the same tokens in every row (see build_rollout)
 
     def __len__(self) -> int:
         return self.responses.shape[0]
@@ -146,6 +148,16 @@ class Rollout:
     @property
     def context_length(self) -> int:
         return self.input_ids.shape[1] - self.responses.shape[1]
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix every sequence starts with."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return n
 
 
 def build_rollout(
@@ -158,8 +170,14 @@ def build_rollout(
     *,
     pad_token_id: int,
     policy_version: int,
+    share_prefix: bool = True,
 ) -> Rollout:
-    """Pack prompts (left-padded) and responses (right-padded) into one batch; see :class:`Rollout`."""
+    """Pack prompts (left-padded) and responses (right-padded) into one batch; see :class:`Rollout`.
+
+    With ``share_prefix`` the tokens every prompt starts with (e.g. a chat template's default system prompt)
+    stay in the first columns and the padding goes after them, so a forward can run that prefix once for the
+    whole batch (``Rollout.prefix_length``); every row keeps at least one prompt token of its own.
+    """
     if not response_ids:
         raise ValueError("a rollout needs at least one response")
     if any(len(r) == 0 for r in response_ids):
@@ -167,15 +185,22 @@ def build_rollout(
     batch = len(response_ids)
     width_p = max(len(p) for p in prompt_ids)
     width_t = max(len(r) for r in response_ids)
+    prefix = 0
+    if share_prefix:
+        prefix = max(0, min(common_prefix_length(prompt_ids), min(len(p) for p in prompt_ids) - 1))
     input_ids = torch.full((batch, width_p + width_t), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, width_p + width_t), dtype=torch.long)
     logprobs = torch.zeros((batch, width_t), dtype=torch.float32)
     for row, (p, r, lp) in enumerate(zip(prompt_ids, response_ids, gen_logprobs, strict=True)):
         if len(lp) != len(r):
             raise ValueError(f"samples[{row}]: {len(lp)} logprobs for {len(r)} tokens")
-        input_ids[row, width_p - len(p) : width_p] = torch.tensor(list(p), dtype=torch.long)
+        p = list(p)
+        input_ids[row, :prefix] = torch.tensor(p[:prefix], dtype=torch.long)
+        attention_mask[row, :prefix] = 1
+        rest = p[prefix:]
+        input_ids[row, width_p - len(rest) : width_p] = torch.tensor(rest, dtype=torch.long)
         input_ids[row, width_p : width_p + len(r)] = torch.tensor(list(r), dtype=torch.long)
-        attention_mask[row, width_p - len(p) : width_p + len(r)] = 1
+        attention_mask[row, width_p - len(rest) : width_p + len(r)] = 1
         logprobs[row, : len(r)] = torch.tensor(list(lp), dtype=torch.float32)
     responses = input_ids[:, width_p:].clone()
     mask = attention_mask[:, width_p:].bool()
@@ -189,6 +214,7 @@ def build_rollout(
         ended_with_eos=torch.tensor(list(ended_with_eos), dtype=torch.bool),
         texts=list(texts),
         policy_version=policy_version,
+        prefix_length=prefix,
     )
 
 
@@ -203,6 +229,48 @@ class ForwardOut:
     logits: torch.Tensor  # (b, T, V)
 
 
+MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a separate forward
+
+
+def backbone_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_length: int = 0):
+    """Last hidden states (b, L - skip, H) of ``model``'s backbone and ``skip``, the columns not returned.
+
+    When the rows share their first ``prefix_length`` tokens (at least MIN_SHARED_PREFIX), the prefix runs once
+    (batch 1) and its keys/values are broadcast to every row: the same result as the full forward (gradients
+    included: they flow back through the broadcast into the one prefix pass) for fewer FLOPs.
+    """
+    positions = position_ids_from_mask(attention_mask)
+    base = model.base_model
+    if prefix_length < MIN_SHARED_PREFIX:
+        out = base(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
+        )
+        return out.last_hidden_state, 0
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    base(
+        input_ids=input_ids[:1, :prefix_length],
+        attention_mask=attention_mask[:1, :prefix_length],
+        position_ids=positions[:1, :prefix_length],
+        past_key_values=cache,
+        use_cache=True,
+    )
+    rows = input_ids.shape[0]
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    out = base(
+        input_ids=input_ids[:, prefix_length:],
+        attention_mask=attention_mask,
+        position_ids=positions[:, prefix_length:],
+        past_key_values=cache,
+        cache_position=torch.arange(prefix_length, input_ids.shape[1], device=input_ids.device),
+        use_cache=True,
+    )
+    return out.last_hidden_state, prefix_length
+
+
 def response_forward(
     model,
     rollout: Rollout,
@@ -212,21 +280,16 @@ def response_forward(
 ) -> ForwardOut:
     """Logprobs of the sampled response tokens under ``model`` at ``temperature`` (and values).
 
-    One pass of the backbone over prompt + response; the LM head (and the value head) run only on the T
-    positions that predict response tokens, which skips the vocabulary projection of the prompt.
-    rows: indices into the rollout (None = all).
+    One pass of the backbone over prompt + response (the shared prompt prefix once for all rows); the LM head
+    (and the value head) run only on the T positions that predict response tokens, which skips the vocabulary
+    projection of the prompt. rows: indices into the rollout (None = all).
     """
     input_ids = rollout.input_ids if rows is None else rollout.input_ids[rows]
     attention_mask = rollout.attention_mask if rows is None else rollout.attention_mask[rows]
     responses = rollout.responses if rows is None else rollout.responses[rows]
-    start = rollout.context_length - 1
-    width = responses.shape[1]
-    hidden = model.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state[:, start : start + width]
+    hidden, skipped = backbone_hidden(model, input_ids, attention_mask, rollout.prefix_length)
+    start = rollout.context_length - 1 - skipped
+    hidden = hidden[:, start : start + responses.shape[1]]
     logits = model.get_output_embeddings()(hidden)
     logprobs = logprobs_from_logits(logits, responses, temperature)
     values = value_head(hidden) if value_head is not None else None
@@ -273,8 +336,10 @@ class PPOLearner:
                 "lr": self.cfg.value_learning_rate,
             },
         ]
+        # fused: one kernel per parameter group, also on CPU (about 4x faster than foreach on 135M parameters)
+        fused = all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
         self.optimizer = torch.optim.AdamW(
-            groups, lr=self.cfg.learning_rate, betas=tuple(self.cfg.adam_betas)
+            groups, lr=self.cfg.learning_rate, betas=tuple(self.cfg.adam_betas), fused=fused
         )
         self.scheduler = make_scheduler(self.cfg, self.optimizer, self.total_iterations)
         if self.cfg.adaptive_kl:

@@ -8,9 +8,11 @@ import torch
 from rlhf.core.models import causal_lm_logits, load_causal_lm, load_tokenizer
 from rlhf.trainer.config import PPOConfig
 from rlhf.trainer.ppo import (
+    MIN_SHARED_PREFIX,
     PPOLearner,
     ValueHead,
     build_rollout,
+    common_prefix_length,
     iteration_prompts,
     policy_state_dict,
     reference_logprobs,
@@ -26,7 +28,7 @@ def tiny(tiny_lm_path):
     return load_causal_lm(tiny_lm_path), load_tokenizer(tiny_lm_path)
 
 
-def _rollout(tokenizer, prompts_ids, responses, logprobs=None, eos=None):
+def _rollout(tokenizer, prompts_ids, responses, logprobs=None, eos=None, share_prefix=True):
     logprobs = logprobs or [[-1.0] * len(r) for r in responses]
     eos = eos if eos is not None else [r[-1] == tokenizer.eos_token_id for r in responses]
     return build_rollout(
@@ -38,6 +40,7 @@ def _rollout(tokenizer, prompts_ids, responses, logprobs=None, eos=None):
         ["x"] * len(responses),
         pad_token_id=tokenizer.pad_token_id,
         policy_version=3,
+        share_prefix=share_prefix,
     )
 
 
@@ -77,6 +80,49 @@ def test_response_forward_of_a_padded_batch_matches_each_row_alone(tiny):
             torch.testing.assert_close(out.values[row, : len(resp)], head(hidden), atol=1e-5, rtol=1e-5)
         ref = reference_logprobs(model, r, TEMPERATURE, micro_batch_size=1)
     torch.testing.assert_close(ref, out.logprobs.masked_fill(~r.mask, 0.0), atol=1e-5, rtol=1e-5)
+
+
+def test_a_common_prompt_prefix_stays_in_front_with_the_padding_after_it(tiny):
+    _, tok = tiny
+    pad = tok.pad_token_id
+    assert common_prefix_length([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 2
+    r = _rollout(tok, [[1, 2, 3, 4], [1, 2, 9]], [[7], [8]], eos=[False, False])
+    assert r.prefix_length == 2
+    assert r.input_ids.tolist() == [[1, 2, 3, 4, 7], [1, 2, pad, 9, 8]]
+    assert r.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 1, 1]]
+    # a prompt that is all prefix keeps its last token as its own
+    assert _rollout(tok, [[1, 2, 3], [1, 2, 3, 4]], [[7], [8]], eos=[False, False]).prefix_length == 2
+
+
+def test_the_shared_prefix_forward_equals_the_full_forward_with_gradients(tiny_lm_path):
+    model = load_causal_lm(tiny_lm_path)
+    tok = load_tokenizer(tiny_lm_path)
+    eos = tok.eos_token_id
+    system = list(range(30, 30 + MIN_SHARED_PREFIX + 4))
+    prompts = [system + [20, 21, 22], system + [23], system + [24, 25]]
+    responses = [[40, 41, eos], [50, 51, 52, 53], [60]]
+    shared = _rollout(tok, prompts, responses)
+    full = _rollout(tok, prompts, responses, share_prefix=False)
+    assert shared.prefix_length == len(system) and full.prefix_length == 0
+    head = ValueHead(model.config.hidden_size)
+    torch.nn.init.normal_(head.summary.weight)
+    results = []
+    for rollout in (shared, full):
+        model.zero_grad()
+        head.zero_grad()
+        out = response_forward(model, rollout, torch.tensor([2, 0, 1]), TEMPERATURE, head)
+        mask = rollout.mask[[2, 0, 1]]
+        loss = (out.logprobs * mask).sum() + (out.values * mask).sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        results.append((out.logprobs * mask, out.values * mask, grads, head.summary.weight.grad.clone()))
+    (lp_s, v_s, g_s, h_s), (lp_f, v_f, g_f, h_f) = results
+    torch.testing.assert_close(lp_s, lp_f, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(v_s, v_f, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(h_s, h_f, atol=1e-4, rtol=1e-4)
+    assert len(g_s) == len(g_f)
+    for a, b in zip(g_s, g_f, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
 
 
 def test_policy_loss_gradient_raises_logprobs_of_positive_advantages_only_inside_the_clip():
