@@ -34,7 +34,7 @@ SERVE = config_command(
     "Run the reward scoring gRPC server (rlhf.v1.RewardService).",
     RewardConfig,
     _serve,
-    description="Serve a reward-model checkpoint: micro-batched scoring of <prompt, response> pairs across "
+    description="Run the reward scoring server on a reward-model checkpoint: micro-batched scoring of <prompt, response> pairs across "
     "concurrent callers, hot swap with LoadModel, bearer-token auth (--auth-token-file or RLHF_AUTH_TOKEN) and "
     "TLS (--tls-cert-file/--tls-key-file).",
 )
@@ -210,5 +210,5 @@ SCORE = Command(
     help="Score a JSONL file of <prompt, response> pairs with a running reward server.",
     add_arguments=_score_arguments,
     run=_run_score,
-    description=__doc__.split("\n\n", 1)[1],
+    description="Score a JSONL file with a running reward server. " + __doc__.split("\n\n", 1)[1],
 )
