@@ -46,6 +46,13 @@ class RewardConfig(ServerConfig):
         ge=1,
         description="Most tokens (rows x longest row, padding included) in one forward pass; longer batches are split.",
     )
+    shared_prefix_min_tokens: int = Field(
+        16,
+        ge=0,
+        description="When every row of a batch starts with at least this many identical tokens (the chat "
+        "template's system turn, one prompt with several responses), run them once and reuse their key/value "
+        "cache (0 = off).",
+    )
     max_wait_ms: float = Field(
         5.0,
         ge=0,

@@ -18,7 +18,14 @@ import torch
 
 from rlhf.core import chat
 from rlhf.core.errors import InvalidArgument, require
-from rlhf.core.models import load_reward_model, load_tokenizer, reward_forward
+from rlhf.core.models import (
+    last_real_token_index,
+    load_reward_model,
+    load_tokenizer,
+    position_ids_from_mask,
+    reward_forward,
+    score_head,
+)
 from rlhf.reward.checkpoint import read_reward_metadata
 
 log = logging.getLogger("rlhf.reward")
@@ -41,6 +48,7 @@ class LoadedModel:
     dtype: str
     max_tokens: int
     loaded_at: float = field(default_factory=time.time)
+    prefix_sharing: bool = True  # set False when the architecture cannot reuse a key/value cache
 
     @property
     def reward_mean(self) -> float | None:
@@ -108,7 +116,26 @@ def load_model(
     trial = score_sequences(loaded, [prompt_ids + response_ids])[0]
     if not math.isfinite(trial):
         raise ValueError(f"the model's trial score is {trial}")
+    _check_prefix_sharing(loaded, prompt_ids, [response_ids, chat.encode_response(tokenizer, "Hello there!")])
     return loaded
+
+
+def _check_prefix_sharing(loaded: LoadedModel, prompt_ids: list[int], responses: list[list[int]]) -> None:
+    """Keep prefix sharing only if it reproduces the plain forward pass on a trial batch."""
+    rows = [prompt_ids + r for r in responses]
+    plain = [score_sequences(loaded, [row])[0] for row in rows]
+    try:
+        with torch.inference_mode():
+            shared = _score_with_shared_prefix(
+                loaded, rows, common_prefix_length(rows), next(loaded.model.parameters()).device
+            )
+        ok = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(shared, plain, strict=True))
+        why = f"scores differ: {shared} vs {plain}"
+    except Exception as exc:  # any architecture-specific failure just turns the optimisation off
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    if not ok:
+        loaded.prefix_sharing = False
+        log.warning("%s: prefix sharing off (%s)", loaded.path, why)
 
 
 # ---------------------------------------------------------------------------- requests -> (prompt, response)
@@ -227,11 +254,54 @@ def pad_batch(
     return ids, mask
 
 
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens every sequence starts with, leaving each at least one token of its own."""
+    first, limit = sequences[0], min(len(s) for s in sequences) - 1
+    n = 0
+    while n < limit and all(s[n] == first[n] for s in sequences):
+        n += 1
+    return n
+
+
 def score_sequences(
-    loaded: LoadedModel, sequences: list[list[int]], padding_side: str = "right"
+    loaded: LoadedModel, sequences: list[list[int]], padding_side: str = "right", min_shared_prefix: int = 0
 ) -> list[float]:
-    """One forward pass over ``sequences`` (a batch): the raw reward of each."""
-    ids, mask = pad_batch(sequences, loaded.pad_token_id, padding_side)
+    """One batch: the raw reward of each sequence.
+
+    When the rows share a prefix of at least ``min_shared_prefix`` tokens (> 0; the chat template's system
+    turn, or one prompt with several responses), the prefix runs once and its key/value cache is reused by
+    every row, so the batch costs about ``prefix + sum(suffixes)`` tokens instead of ``sum(rows)``.
+    """
     device = next(loaded.model.parameters()).device
+    shared = common_prefix_length(sequences) if len(sequences) > 1 and min_shared_prefix > 0 else 0
     with torch.inference_mode():
+        if shared >= min_shared_prefix > 0 and loaded.prefix_sharing:
+            try:
+                return _score_with_shared_prefix(loaded, sequences, shared, device)
+            except (TypeError, ValueError, AttributeError, NotImplementedError) as exc:
+                loaded.prefix_sharing = False  # this architecture cannot; plain batches from now on
+                log.warning("prefix sharing disabled for %s: %s", loaded.version, exc)
+        ids, mask = pad_batch(sequences, loaded.pad_token_id, padding_side)
         return reward_forward(loaded.model, ids.to(device), mask.to(device)).tolist()
+
+
+def _score_with_shared_prefix(
+    loaded: LoadedModel, sequences: list[list[int]], shared: int, device
+) -> list[float]:
+    model, rows = loaded.model, len(sequences)
+    prefix = torch.tensor([sequences[0][:shared]], device=device)
+    cache = model.base_model(input_ids=prefix, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(rows)
+    ids, suffix_mask = pad_batch([s[shared:] for s in sequences], loaded.pad_token_id, "right")
+    ids, suffix_mask = ids.to(device), suffix_mask.to(device)
+    mask = torch.cat([torch.ones(rows, shared, dtype=suffix_mask.dtype, device=device), suffix_mask], dim=1)
+    out = model.base_model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=shared + position_ids_from_mask(suffix_mask),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    hidden = out.last_hidden_state
+    last = hidden[torch.arange(rows, device=device), last_real_token_index(suffix_mask)]
+    return score_head(model)(last).squeeze(-1).float().tolist()

@@ -57,7 +57,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="reward-load")
         self._load_lock: asyncio.Lock | None = None
         self.batcher = MicroBatcher(
-            functools.partial(_score_batch, padding_side=config.padding_side),
+            functools.partial(
+                _score_batch,
+                padding_side=config.padding_side,
+                min_shared_prefix=config.shared_prefix_min_tokens,
+            ),
             max_batch_size=config.max_batch_size,
             max_batch_tokens=config.max_batch_tokens,
             max_wait_ms=config.max_wait_ms,
@@ -205,6 +209,7 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         }
         extra.update(
             device=str(next(loaded.model.parameters()).device),
+            prefix_sharing=str(loaded.prefix_sharing and self.config.shared_prefix_min_tokens > 0).lower(),
             truncation=self.config.truncation,
             micro_batch_size=str(self.config.max_batch_size),
             max_wait_ms=str(self.config.max_wait_ms),
@@ -228,8 +233,10 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         )
 
 
-def _score_batch(loaded: scoring.LoadedModel, sequences: list[list[int]], padding_side: str) -> list[float]:
-    return scoring.score_sequences(loaded, sequences, padding_side)
+def _score_batch(
+    loaded: scoring.LoadedModel, sequences: list[list[int]], padding_side: str, min_shared_prefix: int
+) -> list[float]:
+    return scoring.score_sequences(loaded, sequences, padding_side, min_shared_prefix)
 
 
 class _Malformed:

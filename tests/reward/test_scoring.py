@@ -122,3 +122,29 @@ def test_load_model_rejects_non_reward_folders(tiny_lm_path, tmp_path):
         scoring.load_model(tmp_path)
     with pytest.raises(ValueError, match="labels"):
         scoring.load_model(tiny_lm_path)  # a causal LM: transformers gives it 2 labels
+
+
+def test_shared_prefix_batches_equal_single_unpadded_forward(loaded):
+    """One prompt, several responses (and PAIRS, whose rows share only the template's opening): the prefix runs
+    once and its cache is reused, and every score still matches the plain forward pass."""
+    assert loaded.prefix_sharing  # the trial at load time kept it on for this Llama model
+    prompt = "Write a short review of a restaurant. Tell me about the food and the people there."
+    responses = [
+        "Great!",
+        "The food was cold and everyone was angry, a bad day.",
+        "I love it",
+        "Bad day. " * 5,
+    ]
+    same_prompt = [sum(chat.tokenize_prompt_response(loaded.tokenizer, prompt, r), []) for r in responses]
+    mixed = [sum(chat.tokenize_prompt_response(loaded.tokenizer, p, r), []) for p, r in PAIRS]
+    assert scoring.common_prefix_length(same_prompt) > 16 and scoring.common_prefix_length(mixed) >= 1
+    for seqs in (same_prompt, mixed):
+        shared = scoring.score_sequences(loaded, seqs, min_shared_prefix=1)
+        for seq, score in zip(seqs, shared, strict=True):
+            assert score == pytest.approx(single_forward(loaded, seq), abs=1e-5)
+
+
+def test_common_prefix_leaves_every_row_a_token():
+    assert scoring.common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert scoring.common_prefix_length([[1, 2], [1, 3]]) == 1
+    assert scoring.common_prefix_length([[5], [5, 6]]) == 0

@@ -90,11 +90,19 @@ def test_conversation_scores_like_its_split_pair(client, ref):
     assert result.score == pytest.approx(ref.score(conversation[:1], "Once upon a time."), abs=1e-5)
 
 
-@pytest.mark.parametrize("side", ["right", "left"])
-def test_micro_batched_scores_equal_in_process_forward(rm_with_stats, ref, side):
+@pytest.mark.parametrize(
+    "side, shared_prefix", [("right", 0), ("left", 0), ("right", 1)], ids=["right", "left", "shared-prefix"]
+)
+def test_micro_batched_scores_equal_in_process_forward(rm_with_stats, ref, side, shared_prefix):
     """Concurrent callers land in one padded forward pass; every score still matches the unpadded forward."""
     n = len(PAIRS)
-    with running_server(rm_with_stats, padding_side=side, max_batch_size=n, max_wait_ms=5000) as server:
+    with running_server(
+        rm_with_stats,
+        padding_side=side,
+        shared_prefix_min_tokens=shared_prefix,
+        max_batch_size=n,
+        max_wait_ms=5000,
+    ) as server:
         with server.client(timeout=60) as client:
             before = server.servicer.batcher.forward_passes
             barrier = threading.Barrier(n)
