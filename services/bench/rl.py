@@ -67,6 +67,7 @@ def run_baseline(name: str, script: str, args: list[str], workdir: Path) -> dict
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": str(THREADS),
+        "OMP_WAIT_POLICY": "PASSIVE",  # the same thread setting as ours (rlhf.trainer.ppo_bench.THREAD_ENV)
         "PYTHONPATH": "",
     }
     log = workdir / f"{Path(script).stem}.log"

@@ -59,6 +59,7 @@ from torch import nn
 
 from rlhf.core import chat
 from rlhf.core.client import RetryPolicy, call_with_retry
+from rlhf.core.errors import Unavailable
 from rlhf.core.models import load_causal_lm, load_tokenizer, position_ids_from_mask, set_torch_threads
 from rlhf.trainer.config import PPOConfig
 from rlhf.trainer.rl_math import (
@@ -86,8 +87,9 @@ def _no_phase(name: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class ServiceDown(RuntimeError):
-    """A service stayed unavailable past the retry window; the job checkpoints and ends with this message."""
+class ServiceDown(Unavailable):
+    """A service stayed unavailable past the retry window; the job checkpoints and ends with this message
+    (the CLI prints it on one line)."""
 
 
 # ---------------------------------------------------------------------------------------------------------

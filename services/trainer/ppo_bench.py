@@ -1,9 +1,13 @@
 """Timing real PPO iterations through the services (``python -m rlhf.bench rl`` calls this).
 
 ``time_ppo_iterations`` starts the generation and reward services as processes (rlhf.core.launcher), runs
-``run_ppo`` for ``iterations`` iterations against them with the benchmark's settings and reads the per-step
-wall time and per-phase times back from the run's metrics.jsonl. The first iteration is warm-up (it also
-pushes the initial weights) and is left out of the medians.
+``rlhf train ppo`` as a third process for ``iterations`` iterations against them with the benchmark's settings
+and reads the per-step wall time and per-phase times back from the run's metrics.jsonl. The first iteration is
+warm-up (it also pushes the initial weights) and is left out of the medians.
+
+Every process gets ``THREAD_ENV``: OpenMP threads that sleep instead of spinning when they wait. The three
+processes take turns on the 2 cores, and on a shared machine a spinning 2-thread process was measured 3x slower
+than a passive one (47 s vs 14 s for one forward under a load of 7); the baselines get the same setting.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 log = logging.getLogger("rlhf.trainer.ppo_bench")
 
 PHASES = ("generate", "score", "reference", "values", "update", "sync")
+THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def _steady(rows: list[dict]) -> list[dict]:
@@ -62,10 +67,14 @@ def time_ppo_iterations(
     Returns {"seconds_per_iteration", "rollouts_per_second", "rollouts_per_step", "phase_seconds",
     "step_seconds", "metrics" (the last iteration's learning metrics), "settings"}.
     """
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
     from rlhf.core.launcher import Launcher
-    from rlhf.trainer.config import PPOConfig
     from rlhf.trainer.job import read_metrics
-    from rlhf.trainer.ppo import run_ppo
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -74,7 +83,12 @@ def time_ppo_iterations(
         for prompt in prompts:
             f.write(json.dumps({"prompt": prompt}) + "\n")
     run_dir = workdir / "ppo-run"
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **THREAD_ENV,
+    }
     with Launcher(workdir / "services", env=env) as launcher:
         generation = launcher.start(
             "generation",
@@ -114,7 +128,19 @@ def time_ppo_iterations(
             torch_threads=trainer_threads,
         )
         settings.update(ppo_overrides or {})
-        run_ppo(PPOConfig(**settings))
+        config = workdir / "ppo.yaml"
+        config.write_text(yaml.safe_dump({"ppo": settings}))
+        log_path = workdir / "trainer.log"
+        with open(log_path, "wb") as logf:
+            proc = subprocess.run(
+                [sys.executable, "-m", "rlhf.cli", "train", "ppo", "--config", str(config)],
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+            )
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"rlhf train ppo failed ({proc.returncode}); log {log_path}:\n{tail}")
     rows = read_metrics(run_dir)
     result = summarize(rows, rollouts)
     last = rows[-1]
