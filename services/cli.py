@@ -87,17 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
         if command is None:
             continue
         if group is None:
-            sub = top.add_parser(name, help=command.help, description=command.description or command.help)
+            sub = top.add_parser(name, help=command.help, description=_description(command))
         else:
             if group not in groups:
                 gp = top.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
                 groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
             sub = groups[group].add_parser(
-                name, help=command.help, description=command.description or command.help
+                name, help=command.help, description=_description(command)
             )
         command.add_arguments(sub)
         sub.set_defaults(_run=command.run)
     return parser
+
+
+def _description(command: Command) -> str:
+    """The --help page opens with the one-line help, then the longer description if there is one."""
+    if not command.description or command.description.startswith(command.help.rstrip(".")):
+        return command.description or command.help
+    return f"{command.help}\n\n{command.description}"
 
 
 def main(argv: list[str] | None = None) -> int:
