@@ -117,3 +117,51 @@ def test_smollm2_quick_run_writes_loadable_checkpoints_and_a_report(tmp_path):
     check_checkpoints_load(results)
     rows = [json.loads(line) for line in (run_dir / "ppo" / "metrics.jsonl").read_text().splitlines() if line]
     assert len(rows) >= 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ctrl_c_stops_every_service_the_demo_started(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "rlhf.cli",
+            "demo",
+            "--preset",
+            "tiny",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        # wait until the three services are up and the labelers are at work, then press Ctrl-C
+        deadline = time.monotonic() + 600
+        while (run_dir / "feedback.db").exists() is False or len(service_pids(run_dir)) < 3:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "the demo did not start its services"
+            time.sleep(0.5)
+        pids = service_pids(run_dir)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "Report:" not in out
+    assert not [p for p in pids if pid_alive(p)]
