@@ -33,6 +33,14 @@ class DemoConfig(BaseConfig):
     )
     torch_threads: int = Field(2, ge=1, le=64, description="torch threads of every process the demo starts.")
     ppo_iterations: int = Field(0, ge=0, description="PPO iterations (0 = the preset's).")
+    ppo_rollouts: int = Field(0, ge=0, description="Rollouts per PPO iteration (0 = the preset's).")
+    demo_prompts: int = Field(0, ge=0, description="Prompts given to the demonstrator (0 = the preset's).")
+    comparison_prompts: int = Field(
+        0, ge=0, description="Prompts whose SFT samples are compared (0 = the preset's)."
+    )
+    rating_prompts: int = Field(
+        0, ge=0, description="Prompts whose SFT samples are rated (0 = the preset's)."
+    )
     eval_prompts: int = Field(0, ge=0, description="Held-out prompts to evaluate on (0 = the preset's).")
     progress: bool = Field(True, description="Progress bars and per-stage ETA on stderr.")
 

@@ -369,12 +369,28 @@ def _threads_env(threads: int) -> dict[str, str]:
 
 def resolve_preset(cfg) -> Preset:
     preset = PRESETS[cfg.preset]
-    overrides = {}
-    if cfg.ppo_iterations:
-        overrides["ppo_iterations"] = cfg.ppo_iterations
-    if cfg.eval_prompts:
-        overrides["eval_prompts"] = cfg.eval_prompts
+    names = (
+        "ppo_iterations",
+        "ppo_rollouts",
+        "demo_prompts",
+        "comparison_prompts",
+        "rating_prompts",
+        "eval_prompts",
+    )
+    overrides = {name: getattr(cfg, name) for name in names if getattr(cfg, name, 0)}
     return replace(preset, **overrides) if overrides else preset
+
+
+def command_line(cfg) -> str:
+    """The ``rlhf demo`` command that reproduces ``cfg`` (run folder and progress left out)."""
+    parts = ["rlhf", "demo", "--preset", cfg.preset, "--seed", str(cfg.seed)]
+    for name, field_info in type(cfg).model_fields.items():
+        if name in ("preset", "seed", "run_dir", "progress"):
+            continue
+        value = getattr(cfg, name)
+        if value != field_info.default:
+            parts += ["--" + name.replace("_", "-"), str(value)]
+    return " ".join(parts)
 
 
 def base_model_path(cfg, preset: Preset, run_dir: Path) -> Path:
@@ -407,7 +423,7 @@ def run_demo(cfg) -> DemoOutcome:
     pool = default_pool(seed=cfg.seed)
     results: dict = {
         "title": f"RLHF demo ({preset.name} preset)",
-        "command": " ".join(["rlhf", "demo", "--preset", preset.name, "--seed", str(cfg.seed)]),
+        "command": command_line(cfg),
         "preset": preset.name,
         "preset_settings": {k: v for k, v in asdict(preset).items() if k != "stage_estimates"},
         "started_at": stamp,

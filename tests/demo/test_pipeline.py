@@ -8,7 +8,7 @@ import pytest
 
 from rlhf.cli import build_parser
 from rlhf.demo.cli import DemoConfig
-from rlhf.demo.pipeline import PRESETS, STAGES, StageClock, resolve_preset, targets
+from rlhf.demo.pipeline import PRESETS, STAGES, StageClock, command_line, resolve_preset, targets
 
 
 def test_every_preset_estimates_every_stage_and_fits_its_budget():
@@ -20,9 +20,13 @@ def test_every_preset_estimates_every_stage_and_fits_its_budget():
 
 
 def test_overrides_replace_preset_sizes():
-    cfg = DemoConfig(preset="tiny", ppo_iterations=7, eval_prompts=5)
+    cfg = DemoConfig(preset="tiny", ppo_iterations=7, eval_prompts=5, comparison_prompts=9)
     preset = resolve_preset(cfg)
-    assert preset.ppo_iterations == 7 and preset.eval_prompts == 5
+    assert preset.ppo_iterations == 7 and preset.eval_prompts == 5 and preset.comparison_prompts == 9
+    assert preset.demo_prompts == PRESETS["tiny"].demo_prompts
+    assert command_line(cfg) == (
+        "rlhf demo --preset tiny --seed 0 --ppo-iterations 7 --comparison-prompts 9 --eval-prompts 5"
+    )
     assert resolve_preset(DemoConfig(preset="tiny")) == PRESETS["tiny"]
 
 
