@@ -31,7 +31,7 @@ THREADS = 2
 # Each baseline's venv: its pinned packages (torch is always the CPU 2.13.0 build installed first).
 VENVS = {
     "trl-1.16": ["trl==1.16.0"],
-    "trl-0.11.4": ["trl==0.11.4", "transformers==4.46.3", "accelerate==1.0.1", "datasets<3.2"],
+    "trl-0.11.4": ["trl==0.11.4", "transformers==4.46.3", "accelerate==1.0.1", "datasets<3.2", "rich"],
 }
 
 
