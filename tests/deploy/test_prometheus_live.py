@@ -381,4 +381,5 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_prometheus(
             if prom_proc is not None:
                 stop(prom_proc)
     for proc in trainers:
-        assert proc.returncode == 0, "a trainer job did not stop cleanly on SIGTERM"
+        # 0: the job had finished; 143: SIGTERM stopped it after a checkpoint (so a Kubernetes Job retries it)
+        assert proc.returncode in (0, 143), f"a trainer job did not stop cleanly on SIGTERM: {proc.returncode}"
