@@ -1,13 +1,15 @@
 """The labeling page in a real headless Chromium (Debian chromium + chromium-driver, driven by Selenium),
 against a real ``rlhf serve feedback --labeling-port 0`` process on an SQLite store.
 
-Saves docs/img/labeling-page.png and docs/img/labeling-overview.png (shown in the README).
+Saves screenshots of the labeling page and the overview (docs/img/, shown in the README, when
+RLHF_UPDATE_SCREENSHOTS=1).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +29,13 @@ from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+# The README's screenshots are refreshed with RLHF_UPDATE_SCREENSHOTS=1; otherwise a run (CI included) saves
+# them beside its other temporary files and leaves the checkout clean.
+DOCS_IMG = (
+    Path(__file__).resolve().parents[2] / "docs" / "img"
+    if os.environ.get("RLHF_UPDATE_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "rlhf-screenshots"
+)
 TOKENS = {"alice": "alice-token-7f3a", "bob": "bob-token-91c2", "maya": "maya-admin-token-5e0d"}
 SCRIPT = '<script>document.title = "pwned"; window.__pwned = 1;</script><b>bold?</b>'
 
