@@ -39,6 +39,9 @@ def main():
     tok = AutoTokenizer.from_pretrained(a.model_dir, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    template = Path(a.model_dir) / "chat_template.jinja"
+    if tok.chat_template is None and template.exists():  # transformers 4.46 does not read this file itself
+        tok.chat_template = template.read_text()
     rows = [
         {"input_ids": tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)}
         for t in prompts
