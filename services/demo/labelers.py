@@ -242,7 +242,10 @@ def collect_demonstrations(
 ) -> list[feedback_pb2.Demonstration]:
     """Ask ``demonstrator`` for the ideal response of each (prompt, candidates) and store it; returns the records."""
     records = []
-    for prompt, candidates in items:
+    for prompt, all_candidates in items:
+        candidates = [c for c in all_candidates if c.text.strip()]  # the store refuses empty responses
+        if not candidates:
+            continue
         chosen = candidates[demonstrator.demonstrate(prompt, candidates)]
         records.append(
             rec.make_demonstration(
@@ -270,6 +273,8 @@ def collect_comparisons(
     """Give each (prompt, a, b) to a comparer drawn at random from ``comparers``; store the answers."""
     records = []
     for index, (prompt, a, b) in enumerate(items):
+        if not (a.text.strip() and b.text.strip()):
+            continue  # the store refuses empty responses; nobody is asked to compare an empty reply
         labeler = comparers[rng.randrange(len(comparers))]
         chosen = labeler.compare(prompt, a, b, rng)
         records.append(
@@ -299,6 +304,8 @@ def collect_ratings(
     """Give each (prompt, response) to a rater drawn at random; store the 1-7 scores."""
     records = []
     for index, (prompt, candidate) in enumerate(items):
+        if not candidate.text.strip():
+            continue  # the store refuses empty responses
         labeler = raters[rng.randrange(len(raters))]
         score = labeler.rate(prompt, candidate, rng)
         records.append(

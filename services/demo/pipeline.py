@@ -565,7 +565,7 @@ def run_demo(cfg) -> DemoOutcome:
             for g in pairs:
                 for j in range(0, len(g) - 1, 2):
                     items.append((g[j].prompt, _candidate(g[j], "sft"), _candidate(g[j + 1], "sft")))
-            collect_comparisons(store, pool.comparers, items, tag=f"s{cfg.seed}", rng=rng)
+            compared = collect_comparisons(store, pool.comparers, items, tag=f"s{cfg.seed}", rng=rng)
             rated = generate(
                 policy,
                 rating_prompts,
@@ -577,7 +577,7 @@ def run_demo(cfg) -> DemoOutcome:
                 desc="SFT samples to rate",
                 progress=progress,
             )
-            collect_ratings(
+            ratings = collect_ratings(
                 store,
                 pool.raters,
                 [(x.prompt, _candidate(x, "sft")) for g in rated for x in g],
@@ -588,7 +588,7 @@ def run_demo(cfg) -> DemoOutcome:
             store.create_snapshot(
                 rm_snapshot, kinds=["comparison", "rating"], eval_fraction=0.15, seed=cfg.seed
             )
-            results["feedback"] = {"comparisons": len(items), "ratings": sum(len(g) for g in rated)}
+            results["feedback"] = {"comparisons": len(compared), "ratings": len(ratings)}
             clock.end()
 
             # ---- 5. reward model --------------------------------------------------------------------------

@@ -177,3 +177,19 @@ def test_collected_feedback_lands_in_the_store_and_replays_the_noise_model(feedb
     )
     assert bayes == pytest.approx(expected)
     assert 0.0 <= gold_agreement_of_records(exported) <= 1.0
+
+
+def test_empty_replies_are_not_sent_to_the_store(feedback_client):
+    pool = default_pool(seed=4)
+    register_labelers(feedback_client, pool.all())
+    empty = Candidate("   ")
+    rng = random.Random(1)
+    assert (
+        collect_comparisons(feedback_client, pool.comparers, [("p-empty", empty, GOOD)], tag="e", rng=rng)
+        == []
+    )
+    assert collect_ratings(feedback_client, pool.raters, [("p-empty", empty)], tag="e", rng=rng) == []
+    demos = collect_demonstrations(
+        feedback_client, pool.demonstrator, [("p-e1", [empty, OK]), ("p-e2", [empty])], tag="e"
+    )
+    assert [d.response.text for d in demos] == [OK.text]
