@@ -99,7 +99,7 @@ class EngineRequest:
         self.loop = loop
         self.events: asyncio.Queue = asyncio.Queue()
         self.sequences = [
-            Sequence(self, i, j, list(ids), row_generator(params.seed, j) if not params.greedy else None)
+            Sequence(self, i, j, list(ids), row_generator(params.seed, j, i) if not params.greedy else None)
             for i, ids in enumerate(prompts)
             for j in range(params.n)
         ]

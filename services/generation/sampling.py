@@ -12,6 +12,7 @@ Logprobs (see ``LogprobsMode`` in protos/rlhf/v1/policy.proto):
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -42,13 +43,20 @@ class SamplingParams:
         return self.top_k > 0 or self.top_p < 1.0
 
 
-def row_generator(seed: int | None, sample_index: int) -> torch.Generator | None:
-    """The generator of one sample: seeded from (seed, sample_index), or a fresh random seed."""
+def sample_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """The seed of one sample, mixed from (request seed, prompt index, sample index): every prompt and every
+    sample of a request draws its own random numbers, and the same request draws the same ones again."""
+    digest = hashlib.blake2b(f"{int(seed)}:{prompt_index}:{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % (2**63)
+
+
+def row_generator(seed: int | None, sample_index: int, prompt_index: int = 0) -> torch.Generator | None:
+    """The generator of one sample: seeded by ``sample_seed``, or a fresh random seed."""
     g = torch.Generator()
     if seed is None:
         g.seed()
     else:
-        g.manual_seed((int(seed) + 1_000_003 * sample_index) % (2**63))
+        g.manual_seed(sample_seed(seed, prompt_index, sample_index))
     return g
 
 

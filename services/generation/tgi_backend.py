@@ -9,7 +9,7 @@ Differences from the torch backend, each answered with a clear status:
   LOGPROBS_MODE_SAMPLING. LOGPROBS_MODE_TEMPERATURE is the same thing unless top-k/top-p truncate, so that
   combination is FAILED_PRECONDITION.
 - Weights cannot be pushed (FAILED_PRECONDITION): redeploy TGI on the new checkpoint. The policy version is 0.
-- n > 1 samples are n calls with seeds seed, seed + 1000003, ... (no seed: TGI picks them).
+- n > 1 samples are n calls, each seeded by sample_seed(seed, prompt, sample) (no seed: TGI picks them).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from rlhf.core.models import load_tokenizer, resolve_model_path
 from rlhf.generation import metrics as m
 from rlhf.generation.config import GenerationConfig
 from rlhf.generation.engine import LENGTH, STOP, STOP_STRING, Sequence, StreamDelta
-from rlhf.generation.sampling import MODE_TEMPERATURE, SamplingParams
+from rlhf.generation.sampling import MODE_TEMPERATURE, SamplingParams, sample_seed
 from rlhf.generation.torch_backend import check_min_version
 from rlhf.generation.validation import Limits, PreparedRequest
 from rlhf.v1 import common_pb2
@@ -43,7 +43,7 @@ log = logging.getLogger("rlhf.generation.tgi")
 FINISH_REASONS = {"length": LENGTH, "eos_token": STOP, "stop_sequence": STOP_STRING}
 
 
-def tgi_kwargs(params: SamplingParams, sample_index: int) -> dict:
+def tgi_kwargs(params: SamplingParams, sample_index: int, prompt_index: int = 0) -> dict:
     """Arguments of text_generation's generate / generate_stream for one sample."""
     # the client always asks for details=True (token ids and logprobs)
     kwargs = dict(max_new_tokens=params.max_new_tokens, stop_sequences=list(params.stop))
@@ -57,7 +57,7 @@ def tgi_kwargs(params: SamplingParams, sample_index: int) -> dict:
             top_p=params.top_p if params.top_p < 1.0 else None,
         )
         if params.seed is not None:
-            kwargs["seed"] = (params.seed + 1_000_003 * sample_index) % (2**63)
+            kwargs["seed"] = sample_seed(params.seed, prompt_index, sample_index)
     return kwargs
 
 
@@ -182,7 +182,7 @@ class TgiBackend:
 
     async def _one(self, client, i, j, ids, text, params, time_remaining) -> Sequence:
         start = time.perf_counter()
-        response = await self._call(client.generate(text, **tgi_kwargs(params, j)), time_remaining)
+        response = await self._call(client.generate(text, **tgi_kwargs(params, j, i)), time_remaining)
         details = response.details
         m.TIME_TO_FIRST_TOKEN.observe(time.perf_counter() - start)
         tokens = [t.id for t in details.tokens]
@@ -232,7 +232,7 @@ class TgiBackend:
 
             async def consume():
                 nonlocal sent
-                async for event in client.generate_stream(text, **tgi_kwargs(params, j)):
+                async for event in client.generate_stream(text, **tgi_kwargs(params, j, i)):
                     token = event.token
                     ids.append(token.id)
                     # decoded locally from all ids so far, like the torch backend (per-token texts of byte-level

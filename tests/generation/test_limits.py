@@ -95,7 +95,8 @@ def test_limits_answer_invalid_argument_naming_the_field(stub):
 
 def test_an_expired_request_leaves_the_batch(small, stub):
     before = metric(scrape(small), "rlhf_generation_generation_tokens_total")
-    err = rpc_error(stub.Generate, greedy_request(max_new_tokens=400), timeout=0.3)
+    # 400 tokens (this server's limit) take well over the 0.15 s deadline, even on a fast idle machine
+    err = rpc_error(stub.Generate, greedy_request(max_new_tokens=400), timeout=0.15)
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until(lambda: metric(scrape(small), "rlhf_generation_num_requests_running") == 0)
     generated = metric(scrape(small), "rlhf_generation_generation_tokens_total") - before

@@ -49,3 +49,14 @@ def test_a_seeded_row_does_not_depend_on_its_neighbours():
         gens = [row_generator(p.seed, 0) for p in params]
         batch.append(sample_rows(logits, params, gens)[0][0])
     assert tokens == batch
+
+
+def test_every_prompt_and_sample_of_a_seeded_request_draws_its_own_numbers():
+    from rlhf.generation.sampling import sample_seed
+
+    seeds = {sample_seed(7, i, j) for i in range(4) for j in range(4)}
+    assert len(seeds) == 16  # no two rows of one request share a generator state
+    assert sample_seed(7, 2, 3) == sample_seed(7, 2, 3)  # the same request draws the same numbers again
+    draws = [torch.rand(4, generator=row_generator(7, 0, i)) for i in range(2)]
+    assert not torch.equal(draws[0], draws[1])
+    torch.testing.assert_close(torch.rand(4, generator=row_generator(7, 0, 1)), draws[1])
