@@ -13,7 +13,8 @@ from rlhf.trainer.config import RewardModelConfig, SFTConfig
 
 
 def _report(kind: str, run, cfg) -> int:
-    """Run the job; print where its model went, or a one-line error (exit 2) for bad data or settings."""
+    """Run the job; print where its model went, or a one-line error: exit 2 for bad data or settings, 1 for
+    a service that stayed down, 143/130/3 for a job stopped after its checkpoint."""
     import grpc
 
     from rlhf.core.errors import ServiceError
@@ -29,7 +30,10 @@ def _report(kind: str, run, cfg) -> int:
         return 2
     except ServiceError as exc:
         print(f"{kind}: {exc.code.name}: {exc.message}", file=sys.stderr)
-        return 2
+        # a service that stayed down (UNAVAILABLE, DEADLINE_EXCEEDED) is an outage, worth retrying: exit 1;
+        # everything else is bad data or settings: exit 2
+        outage = exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return 1 if outage else 2
     except grpc.RpcError as exc:  # a service (feedback store, generation, reward) refused or stayed down
         print(f"{kind}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         bad_request = exc.code() in (
