@@ -92,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
             if group not in groups:
                 gp = top.add_parser(group, help=GROUP_HELP[group], description=GROUP_HELP[group])
                 groups[group] = gp.add_subparsers(dest="subcommand", metavar="SUBCOMMAND", required=True)
-            sub = groups[group].add_parser(
-                name, help=command.help, description=_description(command)
-            )
+            sub = groups[group].add_parser(name, help=command.help, description=_description(command))
         command.add_arguments(sub)
         sub.set_defaults(_run=command.run)
     return parser

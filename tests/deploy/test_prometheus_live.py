@@ -382,4 +382,6 @@ def test_every_dashboard_and_alert_query_returns_data_from_a_real_prometheus(
                 stop(prom_proc)
     for proc in trainers:
         # 0: the job had finished; 143: SIGTERM stopped it after a checkpoint (so a Kubernetes Job retries it)
-        assert proc.returncode in (0, 143), f"a trainer job did not stop cleanly on SIGTERM: {proc.returncode}"
+        assert proc.returncode in (0, 143), (
+            f"a trainer job did not stop cleanly on SIGTERM: {proc.returncode}"
+        )
