@@ -26,7 +26,8 @@ log = logging.getLogger("rlhf.core.models")
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL, f"HuggingFaceTB/{DEFAULT_MODEL}"}
+# lower-case names that mean the built-in default (compared case-insensitively)
+DEFAULT_ALIASES = {"", "default", DEFAULT_MODEL.lower(), f"huggingfacetb/{DEFAULT_MODEL.lower()}"}
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -57,7 +58,7 @@ def default_model_dir() -> Path:
 
 
 def is_default_model(ref: str | os.PathLike | None) -> bool:
-    return ref is None or str(ref).lower() in {a.lower() for a in DEFAULT_ALIASES if a} or str(ref) == ""
+    return ref is None or str(ref).lower() in DEFAULT_ALIASES
 
 
 def resolve_model_path(ref: str | os.PathLike | None = None) -> Path:
