@@ -71,8 +71,10 @@ def _chunks(items: list, size: int):
         yield items[start : start + size]
 
 
-class RewardClient:
-    """Blocking calls to a RewardService at ``target`` (host:port)."""
+class _RewardClientBase:
+    """Connection settings shared by the blocking and the asyncio client."""
+
+    _aio = False
 
     def __init__(
         self,
@@ -91,9 +93,18 @@ class RewardClient:
         self.retry = retry or RetryPolicy()
         self.batch_size = batch_size
         self.channel = make_channel(
-            target, token=token, tls=tls, tls_ca_file=tls_ca_file, max_message_mb=max_message_mb
+            target,
+            token=token,
+            tls=tls,
+            tls_ca_file=tls_ca_file,
+            max_message_mb=max_message_mb,
+            aio=self._aio,
         )
         self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+
+
+class RewardClient(_RewardClientBase):
+    """Blocking calls to a RewardService at ``target`` (host:port)."""
 
     def _call(self, method: str, request):
         fn = getattr(self.stub, method)
@@ -129,29 +140,10 @@ class RewardClient:
         self.close()
 
 
-class AsyncRewardClient:
+class AsyncRewardClient(_RewardClientBase):
     """The same calls as :class:`RewardClient`, as coroutines (create it inside the event loop)."""
 
-    def __init__(
-        self,
-        target: str,
-        token: str | None = None,
-        timeout: float = 30.0,
-        retry: RetryPolicy | None = None,
-        *,
-        tls: bool = False,
-        tls_ca_file: str | None = None,
-        batch_size: int = 64,
-        max_message_mb: int = 64,
-    ):
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry or RetryPolicy()
-        self.batch_size = batch_size
-        self.channel = make_channel(
-            target, token=token, tls=tls, tls_ca_file=tls_ca_file, max_message_mb=max_message_mb, aio=True
-        )
-        self.stub = reward_pb2_grpc.RewardServiceStub(self.channel)
+    _aio = True
 
     async def _call(self, method: str, request):
         fn = getattr(self.stub, method)
