@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from rlhf import __version__
-from rlhf.core.config import BaseConfig, add_config_arguments, config_from_args
+from rlhf.core.config import BaseConfig, add_config_arguments, config_from_args, set_process_env_defaults
 
 
 @dataclass
@@ -106,6 +106,7 @@ def _description(command: Command) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    set_process_env_defaults()  # before any command imports torch (libgomp reads OMP_WAIT_POLICY at load)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "_run"):

@@ -3,7 +3,8 @@
 Each service runs ``python -m rlhf.cli serve <name> --port 0 --port-file F ...`` in its own process group; the
 launcher reads the bound ports from F, waits for the standard health service to say SERVING, and on exit
 (normal, exception, Ctrl-C or SIGTERM) sends SIGTERM to every group, waits, then SIGKILLs stragglers. No
-process is left behind.
+process is left behind. Every process gets :data:`rlhf.core.config.PROCESS_ENV_DEFAULTS` (OpenMP threads that
+sleep when they wait) unless the environment already sets those variables.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.core.client import wait_for_serving
+from rlhf.core.config import set_process_env_defaults
 
 log = logging.getLogger("rlhf.launcher")
 
@@ -47,7 +49,7 @@ class Launcher:
     def __init__(self, workdir: str | os.PathLike | None = None, env: dict[str, str] | None = None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="rlhf-services-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, **(env or {})}
+        self.env = set_process_env_defaults({**os.environ, **(env or {})})
         self.services: dict[str, ServiceProcess] = {}
         self._old_handlers: dict[int, object] = {}
 
