@@ -51,8 +51,10 @@ class ServerConfig(BaseConfig):
 
     host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
+    # Services have their own defaults (generation 9091, reward 9092, feedback 9093, trainer 9094); the next one
+    # is left to anything else built on ServerConfig. Not 9090: a Prometheus on the same host listens there.
     metrics_port: int = Field(
-        9090,
+        9095,
         ge=-1,
         le=65535,
         description="Prometheus /metrics HTTP port (0 = pick a free port, -1 = disabled).",

@@ -48,3 +48,32 @@ def test_flags_are_generated_from_fields():
     with pytest.raises(SystemExit):
         parser.parse_args(["--log-format", "xml"])
     assert "Largest batch." in parser.format_help()
+
+
+def test_default_metrics_ports_are_distinct_clear_of_prometheus_and_scraped_by_the_local_config():
+    from pathlib import Path
+
+    import yaml
+
+    from rlhf.feedback.config import FeedbackConfig
+    from rlhf.generation.config import GenerationConfig
+    from rlhf.reward.config import RewardConfig
+    from rlhf.trainer.config import TrainJobConfig
+
+    services = {
+        "generation": GenerationConfig,
+        "reward": RewardConfig,
+        "feedback": FeedbackConfig,
+        "trainer": TrainJobConfig,
+    }
+    defaults = {name: cls.model_fields["metrics_port"].default for name, cls in services.items()}
+    defaults["bare ServerConfig"] = ServerConfig.model_fields["metrics_port"].default
+    assert len(set(defaults.values())) == len(defaults), defaults
+    assert 9090 not in defaults.values(), "9090 is Prometheus' own port"
+
+    local = yaml.safe_load((Path(__file__).parents[2] / "deploy" / "prometheus.yml").read_text())
+    scraped = {
+        job["job_name"].removeprefix("rlhf-"): [t for sc in job["static_configs"] for t in sc["targets"]]
+        for job in local["scrape_configs"]
+    }
+    assert scraped == {name: [f"127.0.0.1:{defaults[name]}"] for name in services}
