@@ -74,9 +74,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         yaml.safe_dump_all([configmap, job], sys.stdout, sort_keys=False)
         return 0
+    try:
+        batch, core = jobs.api_clients(args.kubeconfig, args.context)
+    except RuntimeError as exc:  # the k8s extra is not installed
+        print(f"rlhf k8s submit: {exc}", file=sys.stderr)
+        return 2
     from kubernetes.client.exceptions import ApiException
 
-    batch, core = jobs.api_clients(args.kubeconfig, args.context)
     try:
         created = jobs.submit(job, configmap, batch, core)
     except ApiException as exc:

@@ -28,12 +28,26 @@ JOBS_TEMPLATE = "templates/trainer/jobs.yaml"
 CONFIG_TEMPLATE = "templates/configmap.yaml"
 
 
+#: What ``rlhf k8s`` needs beyond the platform (the ``k8s`` extra: helm-python-sdk and kubernetes).
+INSTALL_HINT = "pip install 'rlhf-platform[k8s]'"
+
+
 def _helm():
     try:
         import helm_python
-    except ImportError as exc:  # a dev dependency; the platform itself does not need it
-        raise RuntimeError("rendering the chart needs the Helm engine: pip install helm-python-sdk") from exc
+    except ImportError as exc:  # the k8s extra; the services and trainers do not need it
+        raise RuntimeError(
+            f"rendering the chart needs the Helm engine (helm-python-sdk): {INSTALL_HINT}"
+        ) from exc
     return helm_python
+
+
+def _kubernetes():
+    try:
+        import kubernetes
+    except ImportError as exc:
+        raise RuntimeError(f"talking to the cluster needs the Kubernetes client: {INSTALL_HINT}") from exc
+    return kubernetes
 
 
 def default_chart_dir() -> Path:
@@ -142,6 +156,7 @@ def build_submission(
 
 def api_clients(kubeconfig: str | None = None, context: str | None = None):
     """(BatchV1Api, CoreV1Api) from the in-cluster service account or a kubeconfig."""
+    _kubernetes()
     from kubernetes import client, config
 
     if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):

@@ -91,7 +91,37 @@ def test_dry_run_prints_the_configmap_and_job():
     kubernetes_validate.validate(job, "1.30", strict=True)
 
 
-# ---- following a Job against a scripted API (no cluster here) ---------------------------------------------
+WITHOUT = """
+import sys
+sys.modules[{module!r}] = None  # as if the k8s extra were not installed: importing it raises ImportError
+from rlhf.cli import main
+sys.exit(main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("module", "argv"),
+    [
+        ("helm_python", ["k8s", "submit", "sft", "--dry-run"]),
+        ("kubernetes", ["k8s", "submit", "sft", "--kubeconfig", "/nonexistent/kubeconfig"]),
+    ],
+)
+def test_submit_without_the_k8s_extra_says_how_to_install_it(module, argv):
+    code = WITHOUT.format(module=module, argv=argv)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'rlhf-platform[k8s]'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_k8s_extra_holds_what_rlhf_k8s_imports_and_dev_includes_it():
+    import tomllib
+
+    project = tomllib.loads((CHART_DIR.parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert set(extras["k8s"]) == {"helm-python-sdk", "kubernetes"}
+    assert "rlhf-platform[k8s]" in extras["dev"]
+    assert not {"helm-python-sdk", "kubernetes"} & set(project["dependencies"])
 
 
 class FakeStream:
