@@ -4,9 +4,10 @@
     python deploy/grafana/make_dashboards.py --check  # exit 1 if they are stale (a test runs this)
 
 Every query uses the metric names of the metrics contract (rlhf_*, see the README), ``$namespace`` (a
-multi-value variable, ".*" = all) and ``$__rate_interval``. Trainer metrics that every job process exports
-(the PPO gauges, rlhf_rm_eval_accuracy) are restricted to the job kind that sets them with
-``and on (instance) rlhf_trainer_step{job="..."}``, so an SFT job's zeros do not show up as a PPO curve.
+multi-value variable, ".*" = all) and ``$__rate_interval``. The job-kind gauges (the PPO gauges,
+rlhf_rm_eval_accuracy) exist only in job processes of that kind once set; their queries still add
+``and on (instance) rlhf_trainer_step{job="..."}``, so a job of an older image, which exported them all as 0,
+does not show up as a PPO curve.
 """
 
 from __future__ import annotations

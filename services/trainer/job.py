@@ -42,7 +42,8 @@ An exception leaving the ``with`` block marks the job FAILED (message = the erro
 
 Metric keys with a Prometheus gauge: ``loss`` / ``eval_loss`` (rlhf_trainer_loss{split}), ``eval_accuracy``
 (rlhf_rm_eval_accuracy), ``reward_mean``, ``reward_std``, ``kl``, ``entropy``, ``policy_loss``,
-``value_loss``, ``clipfrac``, ``approx_kl``, ``response_length``, ``kl_coef`` (rlhf_ppo_*). Every key lands
+``value_loss``, ``clipfrac``, ``approx_kl``, ``response_length``, ``kl_coef`` (rlhf_ppo_*); the RM and PPO
+gauges are set (and exported at all) only by jobs of that kind, from the first time they are. Every key lands
 in metrics.jsonl and in JobStatus.metrics. ``tokens`` (per step, all ranks) gives ``tokens_per_second``.
 
 Data parallel (torchrun): create the job after ``torch.distributed`` is initialized. Every rank calls the
@@ -72,7 +73,7 @@ from typing import Any
 import numpy as np
 import torch
 from google.protobuf.timestamp_pb2 import Timestamp
-from prometheus_client import Gauge
+from prometheus_client import REGISTRY, Gauge
 
 from rlhf.core.errors import FailedPrecondition
 from rlhf.core.logs import setup_logging
@@ -107,22 +108,39 @@ PHASE_SECONDS = Gauge(
     "Seconds the last occurrence of each phase took (generate|score|reference|values|update|sync|idle...).",
     ["job", "phase"],
 )
-RM_EVAL_ACCURACY = Gauge("rlhf_rm_eval_accuracy", "Reward model accuracy on held-out comparisons.")
-PPO_GAUGES = {
-    key: Gauge(f"rlhf_ppo_{key}", help_text)
-    for key, help_text in {
-        "reward_mean": "Mean reward-service score of the last rollout.",
-        "reward_std": "Standard deviation of the reward-service scores of the last rollout.",
-        "kl": "Mean per-sequence KL(policy || reference) of the last rollout.",
-        "entropy": "Mean per-token policy entropy of the last rollout.",
-        "policy_loss": "PPO clipped policy loss (last iteration mean).",
-        "value_loss": "PPO clipped value loss (last iteration mean).",
-        "clipfrac": "Fraction of policy ratios clipped (last iteration).",
-        "approx_kl": "Approximate KL between the rollout policy and the updated policy.",
-        "response_length": "Mean response length in tokens of the last rollout.",
-        "kl_coef": "Current KL penalty coefficient.",
-    }.items()
+# Job-kind gauges are registered on first use, so a process exports only the series its job sets: an SFT job
+# has no rlhf_ppo_* series (an unlabelled Gauge would otherwise be exported as 0 from the moment it exists).
+RM_EVAL_ACCURACY_HELP = "Reward model accuracy on held-out comparisons."
+PPO_GAUGE_HELP = {
+    "reward_mean": "Mean reward-service score of the last rollout.",
+    "reward_std": "Standard deviation of the reward-service scores of the last rollout.",
+    "kl": "Mean per-sequence KL(policy || reference) of the last rollout.",
+    "entropy": "Mean per-token policy entropy of the last rollout.",
+    "policy_loss": "PPO clipped policy loss (last iteration mean).",
+    "value_loss": "PPO clipped value loss (last iteration mean).",
+    "clipfrac": "Fraction of policy ratios clipped (last iteration).",
+    "approx_kl": "Approximate KL between the rollout policy and the updated policy.",
+    "response_length": "Mean response length in tokens of the last rollout.",
+    "kl_coef": "Current KL penalty coefficient.",
 }
+_KIND_GAUGES: dict[str, Gauge] = {}
+_KIND_GAUGES_LOCK = threading.Lock()
+
+
+def kind_gauge(name: str, help_text: str) -> Gauge:
+    """The process-wide gauge ``name``, created (and so exported) the first time a job sets it."""
+    with _KIND_GAUGES_LOCK:
+        if name not in _KIND_GAUGES:
+            _KIND_GAUGES[name] = Gauge(name, help_text)
+        return _KIND_GAUGES[name]
+
+
+def forget_kind_gauges() -> None:
+    """Unregister the job-kind gauges set so far: the next job starts exporting none."""
+    with _KIND_GAUGES_LOCK:
+        for gauge in _KIND_GAUGES.values():
+            REGISTRY.unregister(gauge)
+        _KIND_GAUGES.clear()
 
 
 def _timestamp(seconds: float) -> Timestamp:
@@ -419,6 +437,7 @@ class TrainJob:
             self._server = _ServerThread(self.cfg, self._servicer)
             self._server.start()
             log.info("%s job %s: TrainerService on port %d", self.kind, self.job_id, self._server.port)
+        forget_kind_gauges()  # an earlier job of this process (another kind) leaves no series behind
         TRAINER_STEP.labels(self.kind).set(0)
         return self
 
@@ -807,9 +826,9 @@ class TrainJob:
             elif key == "tokens_per_second":
                 TOKENS_PER_SECOND.labels(self.kind).set(value)
             elif key == "eval_accuracy" and self.kind == "reward_model":
-                RM_EVAL_ACCURACY.set(value)
-            elif key in PPO_GAUGES and self.kind == "ppo":
-                PPO_GAUGES[key].set(value)
+                kind_gauge("rlhf_rm_eval_accuracy", RM_EVAL_ACCURACY_HELP).set(value)
+            elif key in PPO_GAUGE_HELP and self.kind == "ppo":
+                kind_gauge(f"rlhf_ppo_{key}", PPO_GAUGE_HELP[key]).set(value)
         record = {"step": self.step, "epoch": self.epoch, "time": round(time.time(), 3), **metrics}
         if self._metrics_file is not None:
             self._metrics_file.write(json.dumps(record) + "\n")

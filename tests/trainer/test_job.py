@@ -159,7 +159,46 @@ def test_prometheus_metrics_follow_the_contract(tmp_path):
     assert 'rlhf_server_ready{service="rlhf.v1.TrainerService"} 1.0' in page
 
 
-def test_sigterm_checkpoints_at_the_next_step_then_stops(tmp_path):
+KIND_METRICS_SCRIPT = """
+import sys, urllib.request
+import torch
+from rlhf.trainer.config import SFTConfig
+from rlhf.trainer.job import TrainJob
+
+torch.set_num_threads(1)
+run_dir = sys.argv[1]
+for kind in ("sft", "reward_model", "ppo"):  # in one process: no job sees the series of an earlier one
+    cfg = SFTConfig(run_dir=f"{run_dir}/{kind}", port=0, metrics_port=0, checkpoint_every=0, progress=False)
+    with TrainJob(cfg, kind=kind, total_steps=2) as job:
+        while not job.done:
+            # every kind logs the same keys; only its own gauges may be exported
+            job.end_step({"loss": 1.0, "kl": 0.25, "kl_coef": 0.05, "eval_accuracy": 0.75})
+        page = urllib.request.urlopen(f"http://127.0.0.1:{job.metrics_port}/metrics", timeout=10).read()
+        job.finish()
+    lines = [line for line in page.decode().splitlines() if line.startswith(("rlhf_ppo_", "rlhf_rm_"))]
+    print(kind, sorted(lines), flush=True)
+"""
+
+
+def test_job_kind_gauges_are_exported_only_by_jobs_that_set_them(tmp_path):
+    """An SFT job exports no rlhf_ppo_* / rlhf_rm_* series (not even 0); RM and PPO jobs export their own."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", KIND_METRICS_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    pages = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert pages["sft"] == "[]"
+    assert pages["reward_model"] == str(["rlhf_rm_eval_accuracy 0.75"])
+    assert pages["ppo"] == str(["rlhf_ppo_kl 0.25", "rlhf_ppo_kl_coef 0.05"])
     import os
     import signal
 
