@@ -173,6 +173,35 @@ def _response(value, field_name: str) -> dict:
     raise InvalidArgument(field_name, "a response is text or {'text': ..., 'model_version': ...}")
 
 
+def candidate_query(labeler_id: str, now: int, tried: Sequence[str] = ()) -> sa.Select:
+    """The oldest task ``labeler_id`` may claim: still open, never theirs, with a free slot (not in ``tried``).
+
+    ``judgments < redundancy`` is written exactly as the predicate of the partial index
+    ``ix_labeling_tasks_open_seq``, so the scan in ``seq`` order starts at the first open task.
+    """
+    mine = sa.select(assignments.c.task_id).where(
+        assignments.c.task_id == tasks.c.id, assignments.c.labeler_id == labeler_id
+    )
+    active = (
+        sa.select(sa.func.count())
+        .select_from(assignments)
+        .where(
+            assignments.c.task_id == tasks.c.id,
+            sa.or_(
+                assignments.c.status == "done",
+                sa.and_(assignments.c.status == "assigned", assignments.c.lease_expires_us > now),
+            ),
+        )
+        .scalar_subquery()
+    )
+    q = sa.select(tasks).where(
+        tasks.c.judgments < tasks.c.redundancy, ~sa.exists(mine), active < tasks.c.redundancy
+    )
+    if tried:
+        q = q.where(tasks.c.id.not_in(tried))
+    return q.order_by(tasks.c.seq).limit(1)
+
+
 class LabelingQueue:
     """Tasks, assignments and judgments in a :class:`FeedbackStore`'s database."""
 
@@ -377,29 +406,9 @@ class LabelingQueue:
                     self._set_assignment(conn, task_id, labeler_id, lease_expires_us=now + self.lease_us)
                     return _task(row, now + self.lease_us)
                 self._set_assignment(conn, task_id, labeler_id, status="expired")
-        mine = sa.select(assignments.c.task_id).where(
-            assignments.c.task_id == tasks.c.id, assignments.c.labeler_id == labeler_id
-        )
-        active = (
-            sa.select(sa.func.count())
-            .select_from(assignments)
-            .where(
-                assignments.c.task_id == tasks.c.id,
-                sa.or_(
-                    assignments.c.status == "done",
-                    sa.and_(assignments.c.status == "assigned", assignments.c.lease_expires_us > now),
-                ),
-            )
-            .scalar_subquery()
-        )
         tried: list[str] = []
         while True:
-            q = sa.select(tasks).where(
-                tasks.c.judgments < tasks.c.redundancy, ~sa.exists(mine), active < tasks.c.redundancy
-            )
-            if tried:
-                q = q.where(tasks.c.id.not_in(tried))
-            q = q.order_by(tasks.c.seq).limit(1)
+            q = candidate_query(labeler_id, now, tried)
             with self._claim_tx() as conn:
                 if self._pg:
                     # Skip the rows other claimers hold; only when every candidate is held, wait for one

@@ -90,6 +90,14 @@ labeling_tasks = sa.Table(
     sa.Column("created_at_us", sa.BigInteger(), nullable=False),
     sa.UniqueConstraint("id"),
     sa.UniqueConstraint("idempotency_key"),
+    # The open tasks in queue order (migration 0003): the next-task query starts at the first one instead of
+    # walking past every finished task. Queries must repeat the predicate as written (SQLite matches it as is).
+    sa.Index(
+        "ix_labeling_tasks_open_seq",
+        "seq",
+        sqlite_where=sa.text("judgments < redundancy"),
+        postgresql_where=sa.text("judgments < redundancy"),
+    ),
 )
 
 # One row per (task, labeler) ever handed out: a labeler never gets a task twice. status is "assigned" (lease

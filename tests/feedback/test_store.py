@@ -270,4 +270,4 @@ def test_data_survives_reopening(database_url):
         ids = list(store.add_comparisons(comparisons(5)).ids)
     with FeedbackStore(database_url) as store:  # migrations run again: a no-op
         assert [m.id for m in exported(store)] == ids
-        assert store.schema_revision() == "0002"
+        assert store.schema_revision() == "0003"
