@@ -28,7 +28,7 @@ JOBS_TEMPLATE = "templates/trainer/jobs.yaml"
 CONFIG_TEMPLATE = "templates/configmap.yaml"
 
 
-#: What ``rlhf k8s`` needs beyond the platform (the ``k8s`` extra: helm-python-sdk and kubernetes).
+#: What ``rlhf k8s`` needs beyond the platform (the ``k8s`` extra: helm-python-sdk; kubernetes is a main dependency).
 INSTALL_HINT = "pip install 'rlhf-platform[k8s]'"
 
 
