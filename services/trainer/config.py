@@ -159,6 +159,16 @@ class RewardModelConfig(TrainJobConfig):
         0.0, ge=0, description="Weight of the (r_chosen + r_rejected)^2 term that keeps rewards centred at 0."
     )
     version: str = Field("", description="Version string stored in rlhf_reward.json (default: the run name).")
+    trainable_layers: int = Field(
+        0,
+        ge=0,
+        description="Train only the top N transformer layers, the final norm and the score head (0 = the whole "
+        "model). The frozen lower part then runs once per distinct sequence and its outputs are cached, so an "
+        "epoch costs the top layers only.",
+    )
+    head_learning_rate: float | None = Field(
+        None, gt=0, description="Learning rate of the score head (default: learning_rate)."
+    )
 
 
 class PPOConfig(TrainJobConfig):

@@ -7,6 +7,13 @@ prompt + response + EOS with the chat template (rlhf.core.chat), the score read 
 ``center_rewards_coef * (r_chosen + r_rejected)^2``), averaged over the global batch. Held-out accuracy is
 the share of eval pairs with ``r_chosen > r_rejected``.
 
+With ``trainable_layers = N > 0`` only the top N transformer layers, the final norm and the score head are
+trained. The frozen lower part (embeddings and the other layers) is a fixed function of the tokens, so its
+output is computed once per distinct sequence before the first step and kept in memory
+(:class:`FeatureCache`); every step then runs the top N layers only. This is exact, not an approximation:
+before training, the cached path is checked against the full model on a few sequences. The checkpoint is the
+whole model as usual.
+
 The final checkpoint (``run_dir/final``) is written with rlhf.reward.checkpoint.save_reward_checkpoint and
 carries the mean and standard deviation of the final model's scores over the training responses, which the
 reward service uses for normalized scores.
@@ -18,6 +25,7 @@ import contextlib
 import logging
 import math
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,9 +33,12 @@ import torch.nn.functional as F
 
 from rlhf.core.models import (
     init_reward_model_from_causal_lm,
+    last_real_token_index,
     load_tokenizer,
+    position_ids_from_mask,
     resolve_model_path,
     reward_forward,
+    score_head,
     set_torch_threads,
 )
 from rlhf.trainer import distributed
@@ -47,35 +58,166 @@ from rlhf.trainer.loop import (
 
 log = logging.getLogger("rlhf.trainer.reward_model")
 
-Pair = tuple[list[int], list[int]]  # (chosen ids, rejected ids)
+Pair = tuple[int, int]  # (chosen, rejected) as indices into the job's list of distinct sequences
+
+
+def decoder_layers(model) -> tuple[torch.nn.Module, str]:
+    """(module holding the transformer layers, attribute name): ``layers`` (Llama, Mistral, Qwen, ...) or
+    ``h`` (GPT-2 style)."""
+    base = model.base_model
+    for name in ("layers", "h"):
+        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
+            return base, name
+    raise ValueError(f"trainable_layers: {type(model).__name__} has no list of transformer layers")
+
+
+@contextlib.contextmanager
+def only_layers(model, layers: list[torch.nn.Module]) -> Iterator[None]:
+    """Run the model's backbone with ``layers`` in place of its full layer list (restored afterwards)."""
+    base, name = decoder_layers(model)
+    full = getattr(base, name)
+    setattr(base, name, torch.nn.ModuleList(layers))
+    try:
+        yield
+    finally:
+        setattr(base, name, full)
+
+
+class FeatureCache:
+    """The hidden states entering layer ``split`` (the output of the frozen lower part) of every sequence, one
+    float tensor [len, hidden] per sequence."""
+
+    def __init__(self, model, split: int, sequences: list[list[int]], pad_id: int, batch_size: int, bar=None):
+        base, name = decoder_layers(model)
+        layers = list(getattr(base, name))
+        if not 0 < split < len(layers):
+            raise ValueError(f"trainable_layers: must be below the model's {len(layers)} layers")
+        self.split = split
+        self.features: list[torch.Tensor | None] = [None] * len(sequences)
+        captured: list[torch.Tensor] = []
+
+        def keep(_module, _args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output)
+
+        hook = layers[split - 1].register_forward_hook(keep)
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        try:
+            with torch.no_grad(), only_layers(model, layers[:split]):
+                for rows in chunks(order, batch_size):
+                    ids, mask = pad_right([sequences[i] for i in rows], pad_id)
+                    device = next(model.parameters()).device
+                    captured.clear()
+                    model.base_model(
+                        input_ids=ids.to(device),
+                        attention_mask=mask.to(device),
+                        position_ids=position_ids_from_mask(mask).to(device),
+                        use_cache=False,
+                    )
+                    hidden = captured[-1]
+                    for row, i in enumerate(rows):
+                        self.features[i] = hidden[row, : len(sequences[i])].clone()
+                    if bar is not None:
+                        bar.update(len(rows))
+        finally:
+            hook.remove()
+
+    def batch(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, T, hidden] right-padded with zeros, attention mask [B, T]) of ``rows``."""
+        feats = [self.features[i] for i in rows]
+        width = max(f.shape[0] for f in feats)
+        out = feats[0].new_zeros((len(feats), width, feats[0].shape[-1]))
+        mask = torch.zeros((len(feats), width), dtype=torch.long, device=out.device)
+        for row, f in enumerate(feats):
+            out[row, : f.shape[0]] = f
+            mask[row, : f.shape[0]] = 1
+        return out, mask
 
 
 class RewardScorer(torch.nn.Module):
-    """reward_forward as a module, so that DistributedDataParallel sees the forward pass."""
+    """Scores of sequences given by index (a module, so that DistributedDataParallel sees the forward pass).
 
-    def __init__(self, model: torch.nn.Module):
+    Without a cache: reward_forward on the padded token ids. With a :class:`FeatureCache`: the top layers
+    (``split`` onwards), final norm and head applied to the cached hidden states.
+    """
+
+    def __init__(self, model: torch.nn.Module, sequences: list[list[int]], pad_id: int, cache=None):
         super().__init__()
         self.model = model
+        self.sequences = sequences
+        self.pad_id = pad_id
+        self.cache = cache
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return reward_forward(self.model, input_ids, attention_mask)
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = [int(r) for r in rows]
+        device = next(self.model.parameters()).device
+        if self.cache is None:
+            ids, mask = pad_right([self.sequences[i] for i in rows], self.pad_id)
+            return reward_forward(self.model, ids.to(device), mask.to(device))
+        features, mask = self.cache.batch(rows)
+        base, name = decoder_layers(self.model)
+        upper = list(getattr(base, name))[self.cache.split :]
+        with only_layers(self.model, upper):
+            hidden = self.model.base_model(
+                inputs_embeds=features.to(device),
+                attention_mask=mask.to(device),
+                position_ids=position_ids_from_mask(mask).to(device),
+                use_cache=False,
+            ).last_hidden_state
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real_token_index(mask)]
+        return score_head(self.model)(last).squeeze(-1).float()
 
 
-def encode_pairs(tokenizer, comparisons, max_length: int) -> list[Pair]:
-    return [
-        (
-            encode_scored_text(tokenizer, c.prompt, c.chosen, max_length),
-            encode_scored_text(tokenizer, c.prompt, c.rejected, max_length),
-        )
-        for c in comparisons
-    ]
+def encode_pairs(
+    tokenizer, comparisons, max_length: int, sequences: list[list[int]], index: dict
+) -> list[Pair]:
+    """Pairs as indices into ``sequences`` (appended to; ``index`` maps a sequence to its position)."""
+
+    def position(prompt, response) -> int:
+        seq = tuple(encode_scored_text(tokenizer, prompt, response, max_length))
+        if seq not in index:
+            index[seq] = len(sequences)
+            sequences.append(list(seq))
+        return index[seq]
+
+    return [(position(c.prompt, c.chosen), position(c.prompt, c.rejected)) for c in comparisons]
 
 
-def score_pairs(scorer, pairs: list[Pair], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(scorer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
     """(r_chosen [B], r_rejected [B]) in one forward pass over 2B sequences."""
-    ids, mask = pad_right([p[0] for p in pairs] + [p[1] for p in pairs], pad_id)
-    rewards = scorer(ids.to(device), mask.to(device))
+    rows = torch.tensor([p[0] for p in pairs] + [p[1] for p in pairs], dtype=torch.long)
+    rewards = scorer(rows)
     return rewards[: len(pairs)], rewards[len(pairs) :]
+
+
+def freeze_lower_part(model, trainable_layers: int) -> int:
+    """Freeze the embeddings and all but the top ``trainable_layers`` layers; returns the first trained layer."""
+    base, name = decoder_layers(model)
+    layers = getattr(base, name)
+    if trainable_layers >= len(layers):
+        raise ValueError(f"trainable_layers: must be below the model's {len(layers)} layers")
+    split = len(layers) - trainable_layers
+    for module in [model.get_input_embeddings(), *layers[:split]]:
+        for p in module.parameters():
+            p.requires_grad_(False)
+    return split
+
+
+def check_cache_exact(model, scorer: RewardScorer, rows: list[int], tolerance: float = 1e-3) -> float:
+    """Largest difference between the cached path and the full model on ``rows``; raises if above
+    ``tolerance`` (an architecture whose upper layers cannot run from hidden states passed as embeddings)."""
+    with torch.no_grad():
+        cached = scorer(torch.tensor(rows))
+        ids, mask = pad_right([scorer.sequences[i] for i in rows], scorer.pad_id)
+        device = next(model.parameters()).device
+        full = reward_forward(model, ids.to(device), mask.to(device))
+    gap = float((cached - full).abs().max())
+    scale = max(1.0, float(full.abs().max()))
+    if not gap <= tolerance * scale:
+        raise ValueError(
+            f"trainable_layers: {type(model).__name__} does not reproduce its scores from cached hidden states "
+            f"(difference {gap:.3g}); use trainable_layers=0"
+        )
+    return gap
 
 
 def bradley_terry_loss_sum(
@@ -89,7 +231,7 @@ def bradley_terry_loss_sum(
 
 
 @torch.no_grad()
-def evaluate_pairs(scorer, pairs: list[Pair], cfg: RewardModelConfig, info, pad_id: int) -> dict:
+def evaluate_pairs(scorer, pairs: list[Pair], cfg: RewardModelConfig, info) -> dict:
     """eval_loss (mean Bradley–Terry loss), eval_accuracy and eval_margin over ``pairs`` (sharded)."""
     if not pairs:
         return {}
@@ -97,7 +239,7 @@ def evaluate_pairs(scorer, pairs: list[Pair], cfg: RewardModelConfig, info, pad_
     scorer.eval()
     loss, correct, margin, count = 0.0, 0.0, 0.0, 0
     for batch in chunks(distributed.shard(pairs, info.rank, info.world_size), cfg.eval_batch_size):
-        chosen, rejected = score_pairs(scorer, batch, pad_id, info.device)
+        chosen, rejected = score_pairs(scorer, batch)
         loss += float(bradley_terry_loss_sum(chosen, rejected))
         correct += float((chosen > rejected).sum())
         margin += float((chosen - rejected).sum())
@@ -108,15 +250,12 @@ def evaluate_pairs(scorer, pairs: list[Pair], cfg: RewardModelConfig, info, pad_
 
 
 @torch.no_grad()
-def reward_statistics(
-    scorer, sequences: list[list[int]], batch_size: int, info, pad_id: int
-) -> tuple[float, float]:
-    """(mean, std) of the scores of ``sequences`` (sharded over ranks)."""
+def reward_statistics(scorer, rows: list[int], batch_size: int, info) -> tuple[float, float]:
+    """(mean, std) of the scores of the sequences ``rows`` (sharded over ranks)."""
     scorer.eval()
     total, total_sq, count = 0.0, 0.0, 0
-    for batch in chunks(distributed.shard(sequences, info.rank, info.world_size), batch_size):
-        ids, mask = pad_right(batch, pad_id)
-        scores = scorer(ids.to(info.device), mask.to(info.device)).double()
+    for batch in chunks(distributed.shard(rows, info.rank, info.world_size), batch_size):
+        scores = scorer(torch.tensor(batch, dtype=torch.long)).double()
         total += float(scores.sum())
         total_sq += float((scores**2).sum())
         count += len(batch)
@@ -124,6 +263,19 @@ def reward_statistics(
     mean = total / max(count, 1)
     var = max(0.0, total_sq / max(count, 1) - mean**2)
     return mean, math.sqrt(var)
+
+
+def build_cache(model, split: int, sequences: list[list[int]], pad_id: int, cfg, info) -> FeatureCache:
+    """The frozen lower part's output for every sequence, with a progress bar when the job shows one."""
+    from tqdm.auto import tqdm
+
+    # like the job's own bar: rank 0 only; progress unset = only on a terminal (tqdm's disable=None)
+    disable = True if not info.is_main else (None if cfg.progress is None else not cfg.progress)
+    log.info("caching the frozen layers' output for %d sequences", len(sequences))
+    with tqdm(
+        total=len(sequences), desc="reward_model features", unit="seq", disable=disable, leave=False
+    ) as bar:
+        return FeatureCache(model, split, sequences, pad_id, cfg.eval_batch_size, bar)
 
 
 def run_reward_model(cfg: RewardModelConfig) -> Path:
@@ -136,28 +288,43 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
     try:
         data = load_comparisons(cfg, cfg.rating_margin)
         tokenizer = load_tokenizer(cfg.model)
-        train = encode_pairs(tokenizer, data.train, cfg.max_length)
-        evals = encode_pairs(tokenizer, data.eval, cfg.max_length)
+        sequences: list[list[int]] = []
+        index: dict = {}
+        train = encode_pairs(tokenizer, data.train, cfg.max_length, sequences, index)
+        evals = encode_pairs(tokenizer, data.eval, cfg.max_length, sequences, index)
         plan = plan_steps(cfg, len(train), info.world_size)
         log.info(
-            "reward model on %d train / %d eval pairs: %d steps of %d",
+            "reward model on %d train / %d eval pairs (%d distinct sequences): %d steps of %d",
             len(train),
             len(evals),
+            len(sequences),
             plan.total_steps,
             plan.batch_size,
         )
         with TrainJob(cfg, kind="reward_model", total_steps=plan.total_steps) as job:
             model, tokenizer = init_reward_model_from_causal_lm(cfg.model)  # inside the job: seeded head
             model.to(info.device).train()
-            scorer = RewardScorer(model)
-            ddp_scorer = distributed.wrap(scorer, info)
-            optimizer = make_optimizer(cfg, model.parameters())
+            split = freeze_lower_part(model, cfg.trainable_layers) if cfg.trainable_layers else 0
+            head = list(score_head(model).parameters())
+            head_ids = {id(p) for p in head}
+            optimizer = make_optimizer(cfg, [p for p in model.parameters() if id(p) not in head_ids])
+            optimizer.add_param_group(
+                {"params": head, "weight_decay": 0.0, "lr": cfg.head_learning_rate or cfg.learning_rate}
+            )
             scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
             job.track("model", model, tokenizer=tokenizer)
             job.track("optimizer", optimizer)
             job.track("scheduler", scheduler)
             check_resumed_plan(job.resume(), plan, len(train))
             pad_id = tokenizer.pad_token_id
+            cache = None
+            if split:
+                with job.phase("features"):
+                    cache = build_cache(model, split, sequences, pad_id, cfg, info)
+            scorer = RewardScorer(model, sequences, pad_id, cache)
+            if cache is not None:
+                check_cache_exact(model, scorer, list(range(min(4, len(sequences)))))
+            ddp_scorer = distributed.wrap(scorer, info)
 
             while not job.done:
                 epoch, index = plan.position(job.step)
@@ -165,7 +332,7 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
                 mine = [train[i] for i in distributed.shard(global_batch, info.rank, info.world_size)]
                 micro_batches = list(chunks(mine, cfg.micro_batch_size))
                 loss_sum, correct = 0.0, 0.0
-                n_tokens = sum(len(c) + len(r) for c, r in mine)
+                n_tokens = sum(len(sequences[c]) + len(sequences[r]) for c, r in mine)
                 with job.phase("update"):
                     for k, micro in enumerate(micro_batches):
                         sync = k == len(micro_batches) - 1
@@ -173,7 +340,7 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
                             ddp_scorer.no_sync() if info.enabled and not sync else contextlib.nullcontext()
                         )
                         with no_sync:
-                            chosen, rejected = score_pairs(ddp_scorer, micro, pad_id, info.device)
+                            chosen, rejected = score_pairs(ddp_scorer, micro)
                             loss = bradley_terry_loss_sum(chosen, rejected, cfg.center_rewards_coef)
                             (loss * info.world_size / plan.batch_size).backward()
                             loss_sum += float(loss.detach())
@@ -195,16 +362,14 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
                     train_state=plan_state(plan, job.step + 1, len(train)),
                     tokens=int(n_tokens),
                     epoch=epoch,
-                    evaluate=lambda: evaluate_pairs(scorer, evals, cfg, info, pad_id),
+                    evaluate=lambda: evaluate_pairs(scorer, evals, cfg, info),
                 )
             final = job.run_dir / "final"
             if not job.completed:
                 job.finish()  # raises JobStopped (the checkpoint is written)
             with job.phase("eval"):
-                responses = list({seq: None for pair in train for seq in map(tuple, pair)})
-                mean, std = reward_statistics(
-                    scorer, [list(r) for r in responses], cfg.eval_batch_size, info, pad_id
-                )
+                responses = sorted({row for pair in train for row in pair})
+                mean, std = reward_statistics(scorer, responses, cfg.eval_batch_size, info)
             if info.is_main:
                 tmp = final.with_name(final.name + ".tmp")
                 if tmp.exists():
@@ -223,6 +388,7 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
                         "step": job.step,
                         "snapshot": cfg.snapshot or cfg.data_file or "",
                         "train_pairs": len(train),
+                        "trainable_layers": cfg.trainable_layers,
                         "eval_pairs": len(evals),
                     },
                 )
