@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import re
 import threading
@@ -101,6 +102,20 @@ def decode_cursor(cursor: str) -> int:
         return int(seq)
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("cursor", f"{cursor[:40]!r} is not a cursor returned by Export") from None
+
+
+def split_key(record_id: str, prompt_id: str | None, payload) -> str:
+    """What a record's split is drawn from: its prompt (the prompt it carries, else the stored prompt's id),
+    so that every record about one prompt lands in the same split and the eval split holds prompts the train
+    split never saw; a record without a prompt is split by its own id."""
+    if isinstance(payload, str):
+        payload = json.loads(payload)
+    prompt = payload.get("prompt") if isinstance(payload, dict) else None
+    if prompt:
+        return "prompt:" + rec.sha256_hex(rec.canonical_json(prompt))
+    if prompt_id:
+        return f"prompt-id:{prompt_id}"
+    return record_id
 
 
 def split_of(seed: int, record_id: str, eval_fraction: float) -> int:
@@ -613,11 +628,19 @@ class FeedbackStore:
                         f"snapshot.name: {snapshot.name!r} exists with different parameters {row['params']}"
                     )
                 return _snapshot_message(row)
-            q = _apply_filter(sa.select(records.c.seq, records.c.id, records.c.kind), snapshot.filter)
-            members = conn.execute(q.order_by(records.c.seq)).all()
+            q = _apply_filter(
+                sa.select(
+                    records.c.seq, records.c.id, records.c.kind, records.c.prompt_id, records.c.payload
+                ),
+                snapshot.filter,
+            )
+            members, splits = [], []
+            for seq, rid, kind, prompt_id, payload in conn.execute(q.order_by(records.c.seq)):
+                members.append((seq, rid, kind))
+                key = split_key(rid, prompt_id, payload)
+                splits.append(split_of(snapshot.seed, key, snapshot.eval_fraction))
             if not members:
                 raise FailedPrecondition("snapshot.filter: no records match; nothing to freeze")
-            splits = [split_of(snapshot.seed, rid, snapshot.eval_fraction) for _, rid, _ in members]
             by_kind: dict[str, int] = {}
             for _, _, kind in members:
                 by_kind[kind] = by_kind.get(kind, 0) + 1

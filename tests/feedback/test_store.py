@@ -271,3 +271,28 @@ def test_data_survives_reopening(database_url):
     with FeedbackStore(database_url) as store:  # migrations run again: a no-op
         assert [m.id for m in exported(store)] == ids
         assert store.schema_revision() == "0003"
+
+
+def test_records_about_one_prompt_share_their_split(store):
+    """Several comparisons per prompt (k samples, all pairs): a prompt's records are all train or all eval,
+    so the held-out split never shares a prompt or a response with training."""
+    items = []
+    for p in range(60):
+        for j in range(3):
+            items.append(
+                rec.make_comparison(
+                    f"shared prompt {p}",
+                    [f"a{p}-{j}", f"b{p}-{j}"],
+                    idempotency_key=f"s{p}-{j}",
+                    chosen_index=0,
+                )
+            )
+    store.add_comparisons(items)
+    snap = store.create_snapshot(
+        feedback_pb2.Snapshot(name="grouped", filter=rec.make_filter(kinds=["comparison"]), eval_fraction=0.3)
+    )
+    assert 0 < snap.num_eval < 180 and snap.num_eval % 3 == 0
+    split_of_prompt: dict[str, set] = {}
+    for m in store.export(snapshot="grouped"):
+        split_of_prompt.setdefault(rec.prompt_value(rec.exported_record(m).prompt), set()).add(m.split)
+    assert len(split_of_prompt) == 60 and all(len(s) == 1 for s in split_of_prompt.values())
