@@ -60,14 +60,18 @@ class Preset:
     sft_epochs: float
     sft_learning_rate: float
     sft_batch_size: int
-    # feedback on SFT samples
+    # feedback: every pair of the demonstration stage's k base samples is compared too (base_comparisons);
+    # comparison_samples SFT samples per comparison prompt, every pair of them compared
+    base_comparisons: bool
     comparison_prompts: int
-    comparisons_per_prompt: int
+    comparison_samples: int
     rating_prompts: int
-    # reward model
+    # reward model: the top rm_trainable_layers layers and the head (0 = the whole model)
     rm_epochs: float
     rm_learning_rate: float
+    rm_head_learning_rate: float
     rm_batch_size: int
+    rm_trainable_layers: int
     # PPO
     ppo_iterations: int
     ppo_rollouts: int
@@ -94,12 +98,15 @@ PRESETS: dict[str, Preset] = {
         sft_epochs=2.0,
         sft_learning_rate=2e-5,
         sft_batch_size=8,
-        comparison_prompts=240,
-        comparisons_per_prompt=1,
+        base_comparisons=True,
+        comparison_prompts=160,
+        comparison_samples=4,
         rating_prompts=48,
-        rm_epochs=1.0,
-        rm_learning_rate=2e-5,
-        rm_batch_size=8,
+        rm_epochs=2.0,
+        rm_learning_rate=5e-5,
+        rm_head_learning_rate=5e-4,
+        rm_batch_size=32,
+        rm_trainable_layers=3,
         ppo_iterations=20,
         ppo_rollouts=16,
         ppo_learning_rate=1e-5,
@@ -131,12 +138,15 @@ PRESETS: dict[str, Preset] = {
         sft_epochs=1.0,
         sft_learning_rate=2e-5,
         sft_batch_size=8,
-        comparison_prompts=32,
-        comparisons_per_prompt=1,
+        base_comparisons=True,
+        comparison_prompts=16,
+        comparison_samples=3,
         rating_prompts=4,
         rm_epochs=1.0,
-        rm_learning_rate=2e-5,
-        rm_batch_size=8,
+        rm_learning_rate=5e-5,
+        rm_head_learning_rate=5e-4,
+        rm_batch_size=16,
+        rm_trainable_layers=2,
         ppo_iterations=3,
         ppo_rollouts=4,
         ppo_learning_rate=1e-5,
@@ -168,12 +178,15 @@ PRESETS: dict[str, Preset] = {
         sft_epochs=1.0,
         sft_learning_rate=1e-3,
         sft_batch_size=8,
-        comparison_prompts=40,
-        comparisons_per_prompt=1,
+        base_comparisons=True,
+        comparison_prompts=24,
+        comparison_samples=3,
         rating_prompts=8,
         rm_epochs=1.0,
         rm_learning_rate=1e-3,
-        rm_batch_size=8,
+        rm_head_learning_rate=1e-2,
+        rm_batch_size=16,
+        rm_trainable_layers=1,
         ppo_iterations=2,
         ppo_rollouts=8,
         ppo_learning_rate=1e-4,
@@ -332,6 +345,17 @@ def generate(
 
 def _candidate(g: Generated, version: str) -> Candidate:
     return Candidate(text=g.text, finished=g.finished, model_version=version)
+
+
+def all_pairs(groups: Sequence[tuple[str, Sequence[Candidate]]]) -> list[tuple[str, Candidate, Candidate]]:
+    """Every pair of distinct, non-empty candidates of each prompt, as (prompt, a, b) to compare."""
+    from itertools import combinations
+
+    items = []
+    for prompt, candidates in groups:
+        unique = list({c.text: c for c in candidates if c.text.strip()}.values())
+        items += [(prompt, a, b) for a, b in combinations(unique, 2)]
+    return items
 
 
 # ---- the run ------------------------------------------------------------------------------------------------
@@ -522,6 +546,17 @@ def run_demo(cfg) -> DemoOutcome:
                 [(g[0].prompt, [_candidate(x, "base") for x in g]) for g in groups],
                 tag=f"s{cfg.seed}",
             )
+            base_compared = []
+            if preset.base_comparisons:
+                # the k base samples per prompt are shown in pairs to the comparers as well: the reward model
+                # learns from them together with the SFT samples below
+                base_compared = collect_comparisons(
+                    store,
+                    pool.comparers,
+                    all_pairs([(g[0].prompt, [_candidate(x, "base") for x in g]) for g in groups]),
+                    tag=f"s{cfg.seed}-base",
+                    rng=rng,
+                )
             store.create_snapshot(
                 f"demo-sft-s{cfg.seed}", kinds=["demonstration"], eval_fraction=0.1, seed=cfg.seed
             )
@@ -545,15 +580,16 @@ def run_demo(cfg) -> DemoOutcome:
             clock.end()
 
             # ---- 4. comparisons and ratings on SFT samples ------------------------------------------------
+            k = preset.comparison_samples
             clock.begin(
                 "comparisons",
-                f"{len(comparison_prompts)} prompts x {preset.comparisons_per_prompt} comparisons, "
+                f"{len(comparison_prompts)} prompts x {k * (k - 1) // 2} pairs of {k} SFT samples, "
                 f"{len(rating_prompts)} rated",
             )
             pairs = generate(
                 policy,
                 comparison_prompts,
-                n=2 * preset.comparisons_per_prompt,
+                n=k,
                 max_new_tokens=preset.max_new_tokens,
                 temperature=preset.temperature,
                 seed=cfg.seed * 1000 + 2,
@@ -561,10 +597,7 @@ def run_demo(cfg) -> DemoOutcome:
                 desc="SFT samples to compare",
                 progress=progress,
             )
-            items = []
-            for g in pairs:
-                for j in range(0, len(g) - 1, 2):
-                    items.append((g[j].prompt, _candidate(g[j], "sft"), _candidate(g[j + 1], "sft")))
+            items = all_pairs([(g[0].prompt, [_candidate(x, "sft") for x in g]) for g in pairs])
             compared = collect_comparisons(store, pool.comparers, items, tag=f"s{cfg.seed}", rng=rng)
             rated = generate(
                 policy,
@@ -588,11 +621,20 @@ def run_demo(cfg) -> DemoOutcome:
             store.create_snapshot(
                 rm_snapshot, kinds=["comparison", "rating"], eval_fraction=0.15, seed=cfg.seed
             )
-            results["feedback"] = {"comparisons": len(compared), "ratings": len(ratings)}
+            results["feedback"] = {
+                "comparisons": len(compared) + len(base_compared),
+                "sft_comparisons": len(compared),
+                "base_comparisons": len(base_compared),
+                "ratings": len(ratings),
+            }
             clock.end()
 
             # ---- 5. reward model --------------------------------------------------------------------------
-            clock.begin("reward_model", f"{preset.rm_epochs:g} epoch(s) from the SFT model")
+            clock.begin(
+                "reward_model",
+                f"{preset.rm_epochs:g} epoch(s) from the SFT model"
+                + (f", its top {preset.rm_trainable_layers} layers" if preset.rm_trainable_layers else ""),
+            )
             rm_path = train_reward_model(
                 cfg, preset, sft_path, feedback.target, rm_snapshot, run_dir, progress
             )
@@ -693,8 +735,11 @@ def train_reward_model(
         snapshot=snapshot,
         epochs=preset.rm_epochs,
         learning_rate=preset.rm_learning_rate,
+        head_learning_rate=preset.rm_head_learning_rate,
+        trainable_layers=preset.rm_trainable_layers,
         batch_size=preset.rm_batch_size,
         micro_batch_size=preset.rm_batch_size,
+        eval_batch_size=32,
         version=f"demo-rm-s{cfg.seed}",
     )
     return Path(run_reward_model(rm_cfg))
