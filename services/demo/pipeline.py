@@ -1,11 +1,14 @@
 """The demo's flow, stage by stage, every step through the services' gRPC APIs.
 
     start services   feedback store (SQLite), policy generation (base model), reward scoring (empty)
-    demonstrations   k base-model samples per prompt; the simulated demonstrator keeps the gold-best -> store
+    demonstrations   k base-model samples per prompt; the simulated demonstrator keeps the gold-best -> store;
+                     every pair of the k samples also goes to the Bradley-Terry comparers -> store
     sft              snapshot of the demonstrations -> rlhf.trainer.sft.run_sft -> HF folder
-    comparisons      the SFT model is loaded into the generation service; two samples per prompt are compared by
-                     Bradley-Terry labelers, others are rated 1-7 -> store
-    reward model     snapshot -> rlhf.trainer.reward_model.run_reward_model -> LoadModel into the reward service
+    comparisons      the SFT model is loaded into the generation service; k samples per prompt, every pair
+                     compared by the Bradley-Terry labelers; samples of other prompts rated 1-7 -> store
+    reward model     snapshot (split by prompt) -> rlhf.trainer.reward_model.run_reward_model (top layers and
+                     head trained from cached features of the frozen lower layers) -> LoadModel into the
+                     reward service
     ppo              rlhf.trainer.ppo.run_ppo against the generation and reward services, KL to the SFT model
     evaluation       base, SFT and PPO answer the held-out prompts through the generation service; gold score,
                      win rate, KL(PPO || SFT), distinct-n, lengths, RM accuracy vs the labelers' Bayes optimum
@@ -77,6 +80,7 @@ class Preset:
     ppo_rollouts: int
     ppo_learning_rate: float
     ppo_kl_coef: float
+    ppo_target_kl: float  # per-response KL the adaptive controller steers to (nats)
     ppo_epochs: int
     ppo_mini_batches: int
     # evaluation
@@ -99,18 +103,19 @@ PRESETS: dict[str, Preset] = {
         sft_learning_rate=2e-5,
         sft_batch_size=8,
         base_comparisons=True,
-        comparison_prompts=160,
+        comparison_prompts=120,
         comparison_samples=4,
         rating_prompts=48,
-        rm_epochs=2.0,
-        rm_learning_rate=5e-5,
-        rm_head_learning_rate=5e-4,
+        rm_epochs=1.5,
+        rm_learning_rate=1e-4,
+        rm_head_learning_rate=1e-3,
         rm_batch_size=32,
-        rm_trainable_layers=3,
+        rm_trainable_layers=2,
         ppo_iterations=20,
         ppo_rollouts=16,
-        ppo_learning_rate=1e-5,
+        ppo_learning_rate=2e-5,
         ppo_kl_coef=0.05,
+        ppo_target_kl=6.0,
         ppo_epochs=2,
         ppo_mini_batches=2,
         eval_prompts=0,
@@ -151,6 +156,7 @@ PRESETS: dict[str, Preset] = {
         ppo_rollouts=4,
         ppo_learning_rate=1e-5,
         ppo_kl_coef=0.05,
+        ppo_target_kl=6.0,
         ppo_epochs=1,
         ppo_mini_batches=1,
         eval_prompts=12,
@@ -191,6 +197,7 @@ PRESETS: dict[str, Preset] = {
         ppo_rollouts=8,
         ppo_learning_rate=1e-4,
         ppo_kl_coef=0.05,
+        ppo_target_kl=6.0,
         ppo_epochs=1,
         ppo_mini_batches=1,
         eval_prompts=16,
@@ -773,6 +780,7 @@ def train_ppo(
         max_steps=preset.ppo_iterations,
         learning_rate=preset.ppo_learning_rate,
         kl_coef=preset.ppo_kl_coef,
+        target_kl=preset.ppo_target_kl,
         num_ppo_epochs=preset.ppo_epochs,
         num_mini_batches=preset.ppo_mini_batches,
     )
