@@ -238,6 +238,12 @@ class PPOConfig(TrainJobConfig):
     cliprange: float = Field(0.2, gt=0, description="Clip range of the policy ratio.")
     cliprange_value: float = Field(0.2, gt=0, description="Clip range of the value function.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    advantage_estimator: Literal["gae", "rloo"] = Field(
+        "gae",
+        description="'gae': GAE with the value head (PPO as in Ziegler et al. / TRL PPO); 'rloo': the mean "
+        "return of the other samples of the same prompt as baseline (needs samples_per_prompt >= 2; no value "
+        "loss), with the same clipped PPO objective and KL penalty.",
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor of GAE.")
     lam: float = Field(0.95, ge=0, le=1, description="Lambda of GAE.")
     whiten_rewards: bool = Field(False, description="Whiten the shaped rewards before GAE.")
@@ -265,6 +271,8 @@ class PPOConfig(TrainJobConfig):
     def _check_ppo_batches(self):
         if self.batch_size % self.samples_per_prompt:
             raise ValueError("batch_size: must be a multiple of samples_per_prompt")
+        if self.advantage_estimator == "rloo" and self.samples_per_prompt < 2:
+            raise ValueError("advantage_estimator: 'rloo' needs samples_per_prompt >= 2")
         if self.batch_size % self.num_mini_batches:
             raise ValueError("num_mini_batches: must divide batch_size")
         return self

@@ -75,6 +75,7 @@ from rlhf.trainer.rl_math import (
     masked_whiten,
     ppo_policy_loss,
     ppo_value_loss,
+    rloo_advantages,
 )
 
 log = logging.getLogger("rlhf.trainer.ppo")
@@ -436,8 +437,12 @@ class PPOLearner:
             )
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False)
-            advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            if cfg.advantage_estimator == "rloo":
+                advantages, returns = rloo_advantages(rewards, mask, cfg.samples_per_prompt)
+            else:
+                advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
             advantages = masked_whiten(advantages, mask)
+            vf_coef = 0.0 if cfg.advantage_estimator == "rloo" else cfg.vf_coef
 
         stats: dict[str, list[float]] = {
             k: []
@@ -466,7 +471,7 @@ class PPOLearner:
                         vf_loss, vf_clipfrac = ppo_value_loss(
                             out.values, values[rows], returns[rows], mask[rows], cfg.cliprange_value
                         )
-                        loss = (pg_loss + cfg.vf_coef * vf_loss) * (len(rows) / len(mb_rows))
+                        loss = (pg_loss + vf_coef * vf_loss) * (len(rows) / len(mb_rows))
                         loss.backward()
                         stats["policy_loss"].append(float(pg_loss.detach()))
                         stats["value_loss"].append(float(vf_loss.detach()))
@@ -513,7 +518,7 @@ class PPOLearner:
         }
         for key, values_list in stats.items():
             result[key if key != "ratio" else "ratio_mean"] = sum(values_list) / max(1, len(values_list))
-        result["loss"] = result["policy_loss"] + cfg.vf_coef * result["value_loss"]
+        result["loss"] = result["policy_loss"] + vf_coef * result["value_loss"]
         return result
 
 

@@ -282,6 +282,30 @@ def compute_gae(
     return advantages, returns
 
 
+def rloo_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024, TRL's RLOO): the baseline of a
+    response is the mean return of the other responses to the same prompt, so no value function is needed.
+
+    rewards, mask: (B, T) shaped per-token rewards, rows grouped by prompt (``group_size`` consecutive rows per
+    prompt). Returns (advantages, returns), each (B, T): every real token of response i gets
+    A_i = R_i - mean_{j != i in its group} R_j with R_i = sum_t rewards[i, t]; returns hold R_i (0 outside).
+    """
+    if group_size < 2:
+        raise ValueError("rloo_advantages: group_size must be at least 2 (a leave-one-out baseline)")
+    batch = rewards.shape[0]
+    if batch % group_size:
+        raise ValueError(f"rloo_advantages: {batch} rows are not groups of {group_size}")
+    mask = mask.bool()
+    totals = torch.where(mask, rewards, 0.0).sum(-1).view(-1, group_size)
+    baseline = (totals.sum(-1, keepdim=True) - totals) / (group_size - 1)
+    per_sequence = (totals - baseline).reshape(batch, 1)
+    advantages = torch.where(mask, per_sequence.expand_as(rewards), 0.0)
+    returns = torch.where(mask, totals.reshape(batch, 1).expand_as(rewards), 0.0)
+    return advantages, returns
+
+
 # ---------------------------------------------------------------------------------------------------------
 # losses
 

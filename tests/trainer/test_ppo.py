@@ -230,3 +230,45 @@ def test_bench_summary_leaves_out_the_warm_up_and_counts_the_rest_as_idle():
     assert result["phase_seconds"]["generate"] == 5.0 and result["phase_seconds"]["values"] == 0.0
     assert result["phase_seconds"]["idle"] == pytest.approx(0.5)
     assert result["step_seconds"] == [50.0, 10.0, 12.0]
+
+
+def test_rloo_step_moves_each_prompt_towards_its_better_sample_without_touching_the_value_head(tiny_lm_path):
+    """Two prompts x two samples; in each group one sample scores higher (the second group is offset by +5,
+    which the leave-one-out baseline removes). The better sample of each prompt becomes more likely."""
+    model = load_causal_lm(tiny_lm_path)
+    tok = load_tokenizer(tiny_lm_path)
+    eos = tok.eos_token_id
+    prompts = [[1, 20, 21], [1, 20, 21], [1, 30, 31], [1, 30, 31]]
+    responses = [[40, 41, 42, eos], [60, 61, 62, eos], [60, 61, 62, eos], [40, 41, 42, eos]]
+    r = _rollout(tok, prompts, responses)
+    with torch.no_grad():
+        before = response_forward(model, r, None, 1.0).logprobs
+    r.gen_logprobs = before.clone()
+    r.scores = r.raw_scores = torch.tensor([1.0, -1.0, 6.0, 4.0])
+    cfg = PPOConfig(
+        model=str(tiny_lm_path),
+        batch_size=4,
+        samples_per_prompt=2,
+        advantage_estimator="rloo",
+        num_ppo_epochs=2,
+        learning_rate=3e-3,
+        temperature=1.0,
+        kl_coef=0.0,
+        adaptive_kl=False,
+    )
+    head = ValueHead(model.config.hidden_size)
+    learner = PPOLearner(model, head, cfg, total_iterations=10)
+    stats = learner.step(r, before.clone(), policy_version=3)
+    head_before = head.summary.weight.detach().clone()
+    with torch.no_grad():
+        after = response_forward(model, r, None, 1.0).logprobs
+    delta = [(after[i].sum() - before[i].sum()).item() for i in range(4)]
+    assert delta[0] > 0 > delta[1] and delta[2] > 0 > delta[3]
+    assert stats["loss"] == pytest.approx(stats["policy_loss"])
+    learner.step(r, before.clone(), policy_version=3)
+    assert torch.equal(head.summary.weight, head_before)  # no value loss: the value head does not learn
+
+
+def test_rloo_needs_groups():
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        PPOConfig(batch_size=4, advantage_estimator="rloo")

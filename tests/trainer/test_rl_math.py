@@ -389,3 +389,22 @@ def test_assert_finite_names_the_tensor():
     assert_finite("advantages", torch.zeros(2))
     with pytest.raises(ValueError, match="advantages"):
         assert_finite("advantages", torch.tensor([0.0, NAN]))
+
+
+def test_rloo_advantages_hand_values():
+    from rlhf.trainer.rl_math import rloo_advantages
+
+    rewards = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [2.0, 0.0, 0.0], [1.0, 1.0, 9.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
+    adv, ret = rloo_advantages(rewards, mask, group_size=2)
+    # sequence returns (masked): 1, 3 | 2, 2 -> leave-one-out advantages -2, +2 | 0, 0
+    expected = torch.tensor([[-2.0, -2.0, 0.0], [2.0, 2.0, 2.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret[:, 0], torch.tensor([1.0, 3.0, 2.0, 2.0]))
+    assert ret[0, 2] == 0 and ret[2, 1] == 0
+    three, _ = rloo_advantages(torch.tensor([[3.0], [0.0], [0.0]]), torch.ones(3, 1, dtype=torch.bool), 3)
+    torch.testing.assert_close(three[:, 0], torch.tensor([3.0, -1.5, -1.5]))
+    with pytest.raises(ValueError, match="group_size"):
+        rloo_advantages(rewards, mask, group_size=1)
+    with pytest.raises(ValueError, match="groups of 3"):
+        rloo_advantages(rewards, mask, group_size=3)
