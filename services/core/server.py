@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -361,3 +363,119 @@ def _write_port_file(path: str, handle: ServerHandle) -> None:
 def serve_forever(config: ServerConfig, services: Sequence[ServiceDef], **kwargs) -> None:
     """Blocking entry point for ``rlhf serve ...``: run the server in a fresh event loop."""
     asyncio.run(run_server(config, services, **kwargs))
+
+
+class ServerThread:
+    """Run a server in a background thread of this process, for tests and embedding.
+
+    ``run_server`` gets its own event loop in a daemon thread (no signal handlers: the host process owns
+    them). ``start()`` returns once the server is bound and, by default, SERVING, and re-raises a startup or
+    ``load`` failure in the caller; ``stop()`` asks for the usual graceful shutdown (drain, ``on_shutdown``)
+    and joins the thread. Also a context manager::
+
+        with ServerThread(config, [service_def(servicer)], load=servicer.load) as running:
+            client = SomeClient(running.target)
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        services: Sequence[ServiceDef],
+        *,
+        load: Callable[[ServerHandle], Awaitable[None]] | None = None,
+        on_shutdown: Callable[[ServerHandle], Awaitable[None]] | None = None,
+        name: str = "rlhf-server",
+    ):
+        self.config = config
+        self.services = list(services)
+        self.handle: ServerHandle | None = None  # made on the server's own loop, set once the thread runs
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._load = load
+        self._on_shutdown = on_shutdown
+        self._started = threading.Event()  # bound and accepting calls (the load hook has begun)
+        self._serving = threading.Event()  # health SERVING
+        self._finished = threading.Event()
+        self._error: BaseException | None = None
+        self._returned = False  # start() has returned: a later failure is logged, there is no one to raise to
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.handle.port if self.handle is not None else 0
+
+    @property
+    def target(self) -> str:
+        """``host:port`` to dial from this process (a wildcard bind address is dialled on 127.0.0.1)."""
+        host = self.config.host if self.config.host not in ("", "0.0.0.0", "::", "[::]") else "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    def start(self, timeout: float = 60.0, *, wait_serving: bool = True) -> ServerThread:
+        """Start the thread; return when bound (and SERVING if ``wait_serving``), or raise why it is not."""
+        self._thread.start()
+        self._wait(self._started, "start", timeout)
+        if wait_serving:
+            self._wait(self._serving, "become SERVING", timeout)
+        self._returned = True
+        return self
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Graceful shutdown (in-flight calls drain for ``grace_seconds``), then join the thread."""
+        if self.loop is not None and self.handle is not None and not self.loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                self.loop.call_soon_threadsafe(self.handle.request_stop)
+        if self._thread.is_alive():
+            self._thread.join(self.config.grace_seconds + 30 if timeout is None else timeout)
+
+    def __enter__(self) -> ServerThread:
+        return self.start() if not self._thread.is_alive() else self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def _wait(self, event: threading.Event, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not event.wait(0.01):
+            if self._finished.is_set():
+                self._thread.join()
+                if self._error is not None:
+                    raise self._error
+                raise RuntimeError(f"server {self._thread.name} stopped before it could {what}")
+            if time.monotonic() > deadline:
+                self.stop(timeout=5)
+                raise TimeoutError(f"server {self._thread.name} did not {what} within {timeout:g}s")
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:  # noqa: BLE001 - re-raised by start(), or logged once it has returned
+            self._error = exc
+            if self._returned:
+                log.exception("server %s failed", self._thread.name)
+        finally:
+            self._finished.set()
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.handle = ServerHandle(self.config, [s.name for s in self.services])
+
+        async def load(handle: ServerHandle) -> None:
+            self._started.set()
+            if self._load is not None:
+                await self._load(handle)
+
+        async def watch_serving() -> None:
+            await self.handle.ready.wait()
+            self._serving.set()
+
+        watcher = asyncio.ensure_future(watch_serving())
+        try:
+            await run_server(
+                self.config,
+                self.services,
+                load=load,
+                on_shutdown=self._on_shutdown,
+                install_signal_handlers=False,
+                handle=self.handle,
+            )
+        finally:
+            watcher.cancel()

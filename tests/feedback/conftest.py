@@ -3,18 +3,14 @@ starts itself), stores, and an in-process gRPC server."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import os
-import threading
-import time
 from dataclasses import dataclass
 
 import pytest
 
-from rlhf.core.client import wait_for_serving
-from rlhf.core.server import ServerHandle, run_server
+from rlhf.core.server import ServerHandle, ServerThread
 from rlhf.feedback.client import FeedbackClient
 from rlhf.feedback.config import FeedbackConfig
 from rlhf.feedback.pg_local import LocalPostgres, find_pg_bin
@@ -87,46 +83,14 @@ def running_server(**config_kw):
         }
     )
     servicer = FeedbackServicer(config)
-    box: dict = {}
-    started = threading.Event()
-
-    def main():
-        async def go():
-            box["loop"] = asyncio.get_running_loop()
-            box["handle"] = handle = ServerHandle(config, ["rlhf.v1.FeedbackService"])
-            started.set()
-            await run_server(
-                config,
-                [service_def(servicer)],
-                load=servicer.load,
-                on_shutdown=servicer.shutdown,
-                install_signal_handlers=False,
-                handle=handle,
-            )
-
-        try:
-            asyncio.run(go())
-        except BaseException as exc:  # surfaced by the fixture below
-            box["error"] = exc
-            started.set()
-
-    thread = threading.Thread(target=main, name="feedback-server", daemon=True)
-    thread.start()
-    started.wait(30)
-    handle = box.get("handle")
-    deadline = time.monotonic() + 30
-    while handle is not None and handle.port == 0 and "error" not in box:
-        assert time.monotonic() < deadline, "server did not bind"
-        time.sleep(0.01)
-    if "error" in box:
-        raise box["error"]
-    target = f"127.0.0.1:{handle.port}"
-    wait_for_serving(target, timeout=60)
-    try:
-        yield RunningServer(target, servicer, handle, config)
-    finally:
-        box["loop"].call_soon_threadsafe(handle.request_stop)
-        thread.join(30)
+    with ServerThread(
+        config,
+        [service_def(servicer)],
+        load=servicer.load,
+        on_shutdown=servicer.shutdown,
+        name="feedback-server",
+    ) as running:
+        yield RunningServer(running.target, servicer, running.handle, config)
 
 
 @pytest.fixture

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
-import time
 from dataclasses import dataclass
 
 import pytest
 
-from rlhf.core.server import ServerHandle, run_server
+from rlhf.core.server import ServerHandle, ServerThread
 from rlhf.reward.checkpoint import save_reward_checkpoint
 from rlhf.reward.client import RewardClient
 from rlhf.reward.config import RewardConfig
@@ -45,49 +43,14 @@ def running_server(model, **config_kw):
         }
     )
     servicer = RewardServicer(config)
-    box: dict = {}
-    started = threading.Event()
-
-    def main():
-        async def go():
-            box["loop"] = asyncio.get_running_loop()
-            box["handle"] = handle = ServerHandle(config, ["rlhf.v1.RewardService"])
-            started.set()
-            await run_server(
-                config,
-                [service_def(servicer)],
-                load=servicer.load,
-                on_shutdown=servicer.shutdown,
-                install_signal_handlers=False,
-                handle=handle,
-            )
-
-        try:
-            asyncio.run(go())
-        except BaseException as exc:  # surfaced below
-            box["error"] = exc
-            started.set()
-
-    thread = threading.Thread(target=main, name="reward-server", daemon=True)
-    thread.start()
-    started.wait(30)
-    handle = box.get("handle")
-    deadline = time.monotonic() + 30
-    while handle is not None and handle.port == 0 and "error" not in box:
-        assert time.monotonic() < deadline, "server did not bind"
-        time.sleep(0.01)
-    if "error" in box:
-        raise box["error"]
-    target = f"127.0.0.1:{handle.port}"
-    while not handle.ready.is_set():  # SERVING (polled: health over TLS would need the certificate here)
-        assert "error" not in box, box.get("error")
-        assert time.monotonic() < deadline + 60, "server did not load"
-        time.sleep(0.01)
-    try:
-        yield RunningServer(target, servicer, handle, config, box["loop"])
-    finally:
-        box["loop"].call_soon_threadsafe(handle.request_stop)
-        thread.join(30)
+    with ServerThread(
+        config,
+        [service_def(servicer)],
+        load=servicer.load,
+        on_shutdown=servicer.shutdown,
+        name="reward-server",
+    ) as running:
+        yield RunningServer(running.target, servicer, running.handle, config, running.loop)
 
 
 @pytest.fixture(scope="session")
