@@ -77,7 +77,7 @@ from prometheus_client import REGISTRY, Gauge
 
 from rlhf.core.errors import FailedPrecondition
 from rlhf.core.logs import setup_logging
-from rlhf.core.server import ServerHandle, ServiceDef, run_server
+from rlhf.core.server import ServerHandle, ServerThread, ServiceDef
 from rlhf.trainer.config import TrainJobConfig
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
@@ -311,59 +311,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.StopResponse(status=self.job.status())
 
 
-class _ServerThread:
-    """rlhf.core.server.run_server in a background thread with its own event loop."""
+def _server_thread(config: TrainJobConfig, servicer: TrainerServicer) -> ServerThread:
+    """The TrainerService in a background thread of the training process (rlhf.core.server.ServerThread)."""
 
-    def __init__(self, config: TrainJobConfig, servicer: TrainerServicer):
-        self.config = config
-        self.servicer = servicer
-        self.handle: ServerHandle | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self._started = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="trainer-grpc", daemon=True)
+    async def load(handle: ServerHandle) -> None:
+        servicer.loop = asyncio.get_running_loop()  # progress is published onto the server's loop
 
-    def start(self, timeout: float = 60.0) -> None:
-        self._thread.start()
-        if not self._started.wait(timeout):
-            raise TimeoutError("TrainerService did not start")
-        if self._error:
-            raise self._error
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._main())
-        except BaseException as exc:  # noqa: BLE001 - reported to start() or logged
-            self._error = exc
-            if not self._started.is_set():
-                self._started.set()
-            else:
-                log.exception("TrainerService server failed")
-
-    async def _main(self) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.servicer.loop = self.loop
-        self.handle = ServerHandle(self.config, [SERVICE_NAME])
-
-        async def loaded(handle: ServerHandle) -> None:
-            self._started.set()
-
-        service = ServiceDef(
-            SERVICE_NAME, self.servicer, trainer_pb2_grpc.add_TrainerServiceServicer_to_server
-        )
-        await run_server(
-            self.config, [service], load=loaded, install_signal_handlers=False, handle=self.handle
-        )
-
-    @property
-    def port(self) -> int:
-        return self.handle.port if self.handle else 0
-
-    def stop(self) -> None:
-        if self.loop and self.handle and not self.loop.is_closed():
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.handle.request_stop)
-        self._thread.join(timeout=self.config.grace_seconds + 30)
+    service = ServiceDef(SERVICE_NAME, servicer, trainer_pb2_grpc.add_TrainerServiceServicer_to_server)
+    return ServerThread(config, [service], load=load, name="trainer-grpc")
 
 
 # ---- the job -----------------------------------------------------------------------------------------------
@@ -412,7 +367,7 @@ class TrainJob:
         self._install_signals = install_signal_handlers
         self._old_handlers: dict[int, Any] = {}
         self._servicer = TrainerServicer(self)
-        self._server: _ServerThread | None = None
+        self._server: ServerThread | None = None
         self._progress = None
         self._metrics_file = None
         self._entered = False
@@ -434,8 +389,7 @@ class TrainJob:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 self._old_handlers[sig] = signal.signal(sig, self._on_signal)
         if self.is_main and self.cfg.serve:
-            self._server = _ServerThread(self.cfg, self._servicer)
-            self._server.start()
+            self._server = _server_thread(self.cfg, self._servicer).start()
             log.info("%s job %s: TrainerService on port %d", self.kind, self.job_id, self._server.port)
         forget_kind_gauges()  # an earlier job of this process (another kind) leaves no series behind
         TRAINER_STEP.labels(self.kind).set(0)
