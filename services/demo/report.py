@@ -254,6 +254,13 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
             f"{_fmt(rm.get('bayes_optimal_accuracy'))}",
             f"- labels that agree with gold: {_fmt(rm.get('label_gold_agreement'))}",
         ]
+        fb = results.get("feedback") or {}
+        if fb:
+            lines.append(
+                f"- trained on {fb.get('comparisons', '?')} comparisons ({fb.get('base_comparisons', 0)} of base "
+                f"samples, {fb.get('sft_comparisons', fb.get('comparisons', '?'))} of SFT samples) and "
+                f"{fb.get('ratings', '?')} ratings, less the held-out prompts' share"
+            )
         if rm.get("trainer_eval_accuracy") is not None:
             lines.append(
                 "- the RM trainer's own eval accuracy (eval split incl. pairs from ratings): "
