@@ -104,6 +104,10 @@ def _safetensors_files(path: Path) -> list[Path]:
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
         return sorted({path / f for f in weight_map.values()})
+    if (path / "model.safetensors").exists():
+        # an HF folder: its weights are model.safetensors, as from_pretrained reads them; other files beside it
+        # (e.g. the value head a PPO checkpoint carries) are not the model's
+        return [path / "model.safetensors"]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise InvalidArgument("metadata.checkpoint_path", f"{path}: no .safetensors file in the folder")

@@ -190,3 +190,22 @@ def test_streamed_state_dict_update(client, service, expected):
     text = scrape(service)
     assert metric(text, "rlhf_generation_policy_version") == 5
     assert metric(text, "rlhf_generation_weight_update_duration_seconds_count") == 2
+
+
+def test_a_ppo_checkpoint_folder_loads_without_its_value_head(client, expected, peaked_lm_path, tmp_path):
+    """A PPO run's final folder holds model.safetensors and value_head.safetensors beside it: UpdateWeights by
+    path reads the model's file only (as from_pretrained does) and serves the policy."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "ppo-final"
+    shutil.copytree(peaked_lm_path, folder)
+    assert (folder / "model.safetensors").exists()
+    save_file(
+        {"initialized": torch.ones(1), "summary.weight": torch.zeros(1, 8)}, folder / "value_head.safetensors"
+    )
+    assert client.update_weights(version=6, checkpoint_path=str(folder)) == 6
+    _, tokens = outputs(client)
+    assert tokens == expected["peaked"]
