@@ -81,6 +81,8 @@ class Preset:
     ppo_learning_rate: float
     ppo_kl_coef: float
     ppo_target_kl: float  # per-response KL the adaptive controller steers to (nats)
+    ppo_advantage: str  # "rloo" (baseline: the other samples of the prompt) or "gae" (value head)
+    ppo_samples_per_prompt: int
     ppo_epochs: int
     ppo_mini_batches: int
     # evaluation
@@ -116,20 +118,22 @@ PRESETS: dict[str, Preset] = {
         ppo_learning_rate=2e-5,
         ppo_kl_coef=0.05,
         ppo_target_kl=6.0,
+        ppo_advantage="rloo",
+        ppo_samples_per_prompt=4,
         ppo_epochs=2,
         ppo_mini_batches=2,
         eval_prompts=0,
         generation_batch=16,
         max_length=256,
         stage_estimates={
-            "services": 20,
-            "demonstrations": 150,
-            "sft": 120,
-            "comparisons": 180,
-            "reward_model": 330,
-            "ppo": 420,
-            "evaluation": 150,
-            "report": 10,
+            "services": 10,
+            "demonstrations": 160,
+            "sft": 170,
+            "comparisons": 150,
+            "reward_model": 270,
+            "ppo": 560,
+            "evaluation": 175,
+            "report": 5,
         },
     ),
     "quick": Preset(
@@ -157,6 +161,8 @@ PRESETS: dict[str, Preset] = {
         ppo_learning_rate=1e-5,
         ppo_kl_coef=0.05,
         ppo_target_kl=6.0,
+        ppo_advantage="rloo",
+        ppo_samples_per_prompt=2,
         ppo_epochs=1,
         ppo_mini_batches=1,
         eval_prompts=12,
@@ -198,6 +204,8 @@ PRESETS: dict[str, Preset] = {
         ppo_learning_rate=1e-4,
         ppo_kl_coef=0.05,
         ppo_target_kl=6.0,
+        ppo_advantage="rloo",
+        ppo_samples_per_prompt=2,
         ppo_epochs=1,
         ppo_mini_batches=1,
         eval_prompts=16,
@@ -651,7 +659,11 @@ def run_demo(cfg) -> DemoOutcome:
             clock.end()
 
             # ---- 6. PPO -----------------------------------------------------------------------------------
-            clock.begin("ppo", f"{preset.ppo_iterations} iterations x {preset.ppo_rollouts} rollouts")
+            clock.begin(
+                "ppo",
+                f"{preset.ppo_iterations} iterations x {preset.ppo_rollouts} rollouts "
+                f"({preset.ppo_samples_per_prompt} per prompt, {preset.ppo_advantage.upper()} advantages)",
+            )
             ppo_path, metrics_path = train_ppo(
                 cfg, preset, sft_path, generation.target, reward.target, feedback.target, run_dir, progress
             )
@@ -781,6 +793,8 @@ def train_ppo(
         learning_rate=preset.ppo_learning_rate,
         kl_coef=preset.ppo_kl_coef,
         target_kl=preset.ppo_target_kl,
+        advantage_estimator=preset.ppo_advantage,
+        samples_per_prompt=preset.ppo_samples_per_prompt,
         num_ppo_epochs=preset.ppo_epochs,
         num_mini_batches=preset.ppo_mini_batches,
     )
