@@ -365,6 +365,7 @@ class TrainJob:
         self._resume_step = 0
         self._resume_time = time.perf_counter()
         self._install_signals = install_signal_handlers
+        self._signalled: signal.Signals | None = None
         self._old_handlers: dict[int, Any] = {}
         self._servicer = TrainerServicer(self)
         self._server: ServerThread | None = None
@@ -408,6 +409,11 @@ class TrainJob:
         elif self.state not in TERMINAL_STATES:
             self.finish(self.final_path)
         self._close()
+        if exc is None and self._signalled is not None and self.completed:
+            # SIGINT/SIGTERM arrived when no step was left to stop at: the job completed, but whoever sent the
+            # signal (Ctrl-C in `rlhf demo`, a pod's SIGTERM) still wants the process to stop; the handlers
+            # the job replaced are back, so deliver it to them now.
+            signal.raise_signal(self._signalled)
 
     def _close(self) -> None:
         self._publish()
@@ -482,6 +488,7 @@ class TrainJob:
         if self.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         log.warning("%s received: checkpoint at the next step boundary, then stop (again to abort)", name)
+        self._signalled = signal.Signals(signum)
         self.request_stop(name)
 
     def request_stop(self, reason: str) -> None:

@@ -226,3 +226,20 @@ def test_a_fresh_run_does_not_start_over_an_earlier_runs_checkpoints(tmp_path):
     with pytest.raises(FailedPrecondition, match="--resume"):
         _toy_run(_cfg(tmp_path / "x", checkpoint_every=2), total=2)
     assert [h["step"] for h in read_metrics(tmp_path / "x")] == [1, 2]  # the earlier history is untouched
+
+
+def test_a_signal_after_the_last_step_still_reaches_the_process(tmp_path):
+    """SIGINT during the last step: nothing is left to stop at, so the job completes (final state SUCCEEDED),
+    then the signal goes to the handlers the job had replaced (here Python's: KeyboardInterrupt), so an
+    embedding program such as `rlhf demo` stops instead of carrying on."""
+    import os
+    import signal
+
+    def interrupt(job):
+        if job.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        _toy_run(_cfg(tmp_path / "t", checkpoint_every=0), total=3, on_step=interrupt, signals=True)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (tmp_path / "t" / "metrics.jsonl").read_text().count("\n") == 3
