@@ -148,6 +148,9 @@ def test_ctrl_c_stops_every_service_the_demo_started(tmp_path):
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        # a test run in the background of a non-interactive shell inherits SIGINT ignored (and a Python
+        # child keeps ignoring it): give the demo the default disposition an interactive terminal gives it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # wait until the three services are up and the labelers are at work, then press Ctrl-C

@@ -239,7 +239,12 @@ def test_a_signal_after_the_last_step_still_reaches_the_process(tmp_path):
         if job.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
-    with pytest.raises(KeyboardInterrupt):
-        _toy_run(_cfg(tmp_path / "t", checkpoint_every=0), total=3, on_step=interrupt, signals=True)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # as in a terminal (a test run in the background of a non-interactive shell starts with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _toy_run(_cfg(tmp_path / "t", checkpoint_every=0), total=3, on_step=interrupt, signals=True)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert (tmp_path / "t" / "metrics.jsonl").read_text().count("\n") == 3
