@@ -204,10 +204,17 @@ def last_real_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)
 
 
-def reward_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar reward per row ([B]): the score head applied to the hidden state of the last real token."""
+def reward_forward(
+    model,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor,
+    inputs_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Scalar reward per row ([B]): the score head applied to the hidden state of the last real token.
+    ``inputs_embeds`` instead of ``input_ids`` feeds hidden states straight into the backbone's layers."""
     out = model.base_model(
         input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,

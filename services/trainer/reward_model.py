@@ -33,7 +33,6 @@ import torch.nn.functional as F
 
 from rlhf.core.models import (
     init_reward_model_from_causal_lm,
-    last_real_token_index,
     load_tokenizer,
     position_ids_from_mask,
     resolve_model_path,
@@ -102,10 +101,10 @@ class FeatureCache:
         hook = layers[split - 1].register_forward_hook(keep)
         order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         try:
+            device = next(model.parameters()).device
             with torch.no_grad(), only_layers(model, layers[:split]):
                 for rows in chunks(order, batch_size):
                     ids, mask = pad_right([sequences[i] for i in rows], pad_id)
-                    device = next(model.parameters()).device
                     captured.clear()
                     model.base_model(
                         input_ids=ids.to(device),
@@ -157,14 +156,7 @@ class RewardScorer(torch.nn.Module):
         base, name = decoder_layers(self.model)
         upper = list(getattr(base, name))[self.cache.split :]
         with only_layers(self.model, upper):
-            hidden = self.model.base_model(
-                inputs_embeds=features.to(device),
-                attention_mask=mask.to(device),
-                position_ids=position_ids_from_mask(mask).to(device),
-                use_cache=False,
-            ).last_hidden_state
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), last_real_token_index(mask)]
-        return score_head(self.model)(last).squeeze(-1).float()
+            return reward_forward(self.model, None, mask.to(device), inputs_embeds=features.to(device))
 
 
 def encode_pairs(
