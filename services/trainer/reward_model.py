@@ -10,7 +10,8 @@ the share of eval pairs with ``r_chosen > r_rejected``.
 With ``trainable_layers = N > 0`` only the top N transformer layers, the final norm and the score head are
 trained. The frozen lower part (embeddings and the other layers) is a fixed function of the tokens, so its
 output is computed once per distinct sequence before the first step and kept in memory
-(:class:`FeatureCache`); every step then runs the top N layers only. This is exact, not an approximation:
+(:class:`FeatureCache`, which runs a prefix that several sequences share, such as the prompt of several
+replies, only once); every step then runs the top N layers only. This is exact, not an approximation:
 before training, the cached path is checked against the full model on a few sequences. The checkpoint is the
 whole model as usual.
 
@@ -82,9 +83,68 @@ def only_layers(model, layers: list[torch.nn.Module]) -> Iterator[None]:
         setattr(base, name, full)
 
 
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth a forward pass of its own
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for k in range(n):
+        if a[k] != b[k]:
+            return k
+    return n
+
+
+def shared_prefix_groups(
+    sequences: list[list[int]], min_prefix: int = MIN_SHARED_PREFIX, max_group: int = 256
+) -> tuple[list[tuple[int, list[int]]], list[int]]:
+    """Sequences that start with the same tokens (the replies to one prompt), found without knowing the prompt
+    format: ``(groups, singles)``, each group ``(prefix length, member indices)``.
+
+    The sequences are sorted lexicographically, so sequences sharing a prefix are neighbours, and cut into
+    runs of neighbours so that the tokens the groups save, ``(members - 1) * prefix length`` summed, is largest
+    (dynamic programming over runs of at most ``max_group``). A group's prefix is at most its shortest member's
+    length minus one, so every member keeps at least one token of its own; a prefix shorter than
+    ``min_prefix`` makes no group, and those sequences are ``singles``.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
+    n = len(order)
+    lcp = [common_prefix_length(sequences[order[k]], sequences[order[k + 1]]) for k in range(n - 1)]
+    best = [0] * (n + 1)  # best[j]: tokens saved over the first j sorted sequences
+    start = list(range(n + 1))  # start[j]: where the last run of the best cut of the first j begins
+    prefix = [0] * (n + 1)
+    for j in range(1, n + 1):
+        best[j], start[j] = best[j - 1], j - 1
+        shared = len(sequences[order[j - 1]]) - 1
+        for i in range(j - 2, max(-1, j - 1 - max_group), -1):  # the run order[i : j]
+            shared = min(shared, lcp[i], len(sequences[order[i]]) - 1)
+            if shared < min_prefix:
+                break
+            gain = best[i] + (j - 1 - i) * shared
+            if gain > best[j]:
+                best[j], start[j], prefix[j] = gain, i, shared
+    groups: list[tuple[int, list[int]]] = []
+    singles: list[int] = []
+    j = n
+    while j > 0:
+        i = start[j]
+        if j - i > 1:
+            groups.append((prefix[j], order[i:j]))
+        else:
+            singles.append(order[i])
+        j = i
+    return groups[::-1], singles[::-1]
+
+
 class FeatureCache:
     """The hidden states entering layer ``split`` (the output of the frozen lower part) of every sequence, one
-    float tensor [len, hidden] per sequence."""
+    float tensor [len, hidden] per sequence.
+
+    Sequences that share a prefix (:func:`shared_prefix_groups`: the replies to one prompt) run it once: the
+    prefixes go through the lower layers in batches keeping their KV cache, then each group's suffixes run as
+    a batch on top of its prefix's cache (the cache repeated per row, the suffixes right-padded, positions
+    continuing after the prefix). A sequence's features are its prefix's followed by its suffix's, the same
+    hidden states a full pass computes. The other sequences run whole, in batches of similar length.
+    """
 
     def __init__(self, model, split: int, sequences: list[list[int]], pad_id: int, batch_size: int, bar=None):
         base, name = decoder_layers(model)
@@ -93,32 +153,86 @@ class FeatureCache:
             raise ValueError(f"trainable_layers: must be below the model's {len(layers)} layers")
         self.split = split
         self.features: list[torch.Tensor | None] = [None] * len(sequences)
-        captured: list[torch.Tensor] = []
+        self.sequences = sequences
+        self.pad_id = pad_id
+        self.batch_size = batch_size
+        self._bar = bar
+        self._captured: list[torch.Tensor] = []
 
         def keep(_module, _args, output):
-            captured.append(output[0] if isinstance(output, tuple) else output)
+            self._captured.append(output[0] if isinstance(output, tuple) else output)
 
+        groups, singles = shared_prefix_groups(sequences)
         hook = layers[split - 1].register_forward_hook(keep)
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         try:
-            device = next(model.parameters()).device
+            self._device = next(model.parameters()).device
             with torch.no_grad(), only_layers(model, layers[:split]):
-                for rows in chunks(order, batch_size):
-                    ids, mask = pad_right([sequences[i] for i in rows], pad_id)
-                    captured.clear()
-                    model.base_model(
-                        input_ids=ids.to(device),
-                        attention_mask=mask.to(device),
-                        position_ids=position_ids_from_mask(mask).to(device),
-                        use_cache=False,
-                    )
-                    hidden = captured[-1]
-                    for row, i in enumerate(rows):
-                        self.features[i] = hidden[row, : len(sequences[i])].clone()
-                    if bar is not None:
-                        bar.update(len(rows))
+                self._run_whole(model.base_model, sorted(singles, key=lambda i: len(sequences[i])))
+                groups.sort(key=lambda g: g[0])
+                for chunk in chunks(groups, batch_size):
+                    self._run_group_chunk(model.base_model, chunk)
         finally:
             hook.remove()
+            self._captured.clear()
+            self._bar = None
+
+    def _lower(self, backbone, ids, mask, position_ids, cache=None) -> tuple[torch.Tensor, object]:
+        """(hidden states entering layer ``split`` [B, T, hidden], the KV cache when one was passed)."""
+        self._captured.clear()
+        out = backbone(
+            input_ids=ids.to(self._device),
+            attention_mask=mask.to(self._device),
+            position_ids=position_ids.to(self._device),
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
+        return self._captured[-1], out.past_key_values if cache is not None else None
+
+    def _done(self, count: int) -> None:
+        if self._bar is not None:
+            self._bar.update(count)
+
+    def _run_whole(self, backbone, rows: list[int]) -> None:
+        for batch in chunks(rows, self.batch_size):
+            ids, mask = pad_right([self.sequences[i] for i in batch], self.pad_id)
+            hidden, _ = self._lower(backbone, ids, mask, position_ids_from_mask(mask))
+            for row, i in enumerate(batch):
+                self.features[i] = hidden[row, : len(self.sequences[i])].clone()
+            self._done(len(batch))
+
+    def _run_group_chunk(self, backbone, groups: list[tuple[int, list[int]]]) -> None:
+        from transformers import DynamicCache
+
+        ids, mask = pad_right(
+            [self.sequences[members[0]][:length] for length, members in groups], self.pad_id
+        )
+        # right padding: a prefix's keys and values do not see the padding after it
+        prefix_hidden, prefix_cache = self._lower(
+            backbone, ids, mask, position_ids_from_mask(mask), DynamicCache()
+        )
+        layer_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+        for g, (length, members) in enumerate(groups):
+            head = prefix_hidden[g, :length]
+            for batch in chunks(members, self.batch_size):
+                cache = DynamicCache(
+                    [
+                        (
+                            k[g : g + 1, :, :length].expand(len(batch), -1, -1, -1),
+                            v[g : g + 1, :, :length].expand(len(batch), -1, -1, -1),
+                        )
+                        for k, v in layer_kv
+                    ]
+                )
+                ids, suffix_mask = pad_right([self.sequences[i][length:] for i in batch], self.pad_id)
+                full_mask = torch.cat(
+                    [torch.ones((len(batch), length), dtype=torch.long), suffix_mask], dim=1
+                )
+                hidden, _ = self._lower(
+                    backbone, ids, full_mask, length + position_ids_from_mask(suffix_mask), cache
+                )
+                for row, i in enumerate(batch):
+                    self.features[i] = torch.cat([head, hidden[row, : len(self.sequences[i]) - length]])
+            self._done(len(members))
 
     def batch(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [B, T, hidden] right-padded with zeros, attention mask [B, T]) of ``rows``."""

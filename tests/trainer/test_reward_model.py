@@ -122,3 +122,72 @@ def test_cached_path_matches_the_full_model(tiny_lm_path):
         alone = [float(scorer(torch.tensor([i]))) for i in range(6)]
         together = scorer(torch.tensor(list(range(6)))).tolist()
     assert max(abs(a - b) for a, b in zip(alone, together, strict=True)) < 1e-4
+
+
+def test_shared_prefix_groups_cut_sorted_neighbours_where_most_tokens_are_saved():
+    from rlhf.trainer.reward_model import shared_prefix_groups
+
+    p = list(range(100, 120))  # 20 shared tokens
+    sequences = [
+        p + [1, 2],  # 0
+        [7] * 30,  # 1: shares nothing
+        p + [3],  # 2
+        p[:12] + [9, 9, 9],  # 3: shares 12 tokens with the others
+        p + [1, 2, 5, 6],  # 4: starts with sequence 0
+        p[:12] + [9, 9, 8],  # 5
+    ]
+    groups, singles = shared_prefix_groups(sequences, min_prefix=8)
+    # the two 12-token sharers group on their own (14 tokens: 12 shared + [9, 9]) rather than joining the
+    # 20-token group at a 12-token prefix
+    assert sorted((length, sorted(members)) for length, members in groups) == [(14, [3, 5]), (20, [0, 2, 4])]
+    assert singles == [1]
+    # a group's prefix leaves every member at least one token of its own
+    groups, singles = shared_prefix_groups([p, p + [1], p + [1, 2]], min_prefix=8)
+    assert groups == [(19, [0, 1, 2])] and singles == []
+    # below min_prefix: no group
+    assert shared_prefix_groups([p[:5] + [1], p[:5] + [2]], min_prefix=8) == ([], [0, 1])
+
+
+def test_prefix_sharing_feature_cache_equals_the_full_model(tmp_path):
+    """Features from shared prefixes' KV caches are the hidden states of the full model run on each sequence
+    alone: prefixes of different lengths, a sequence that is the prefix of another, single-member groups,
+    padding within the prefix and suffix batches, suffix batches split by batch_size."""
+    from rlhf.core.models import init_reward_model_from_causal_lm, make_tiny_causal_lm
+    from rlhf.trainer.reward_model import (
+        FeatureCache,
+        RewardScorer,
+        check_cache_exact,
+        freeze_lower_part,
+        shared_prefix_groups,
+    )
+
+    path = make_tiny_causal_lm(tmp_path / "lm", num_hidden_layers=4)
+    model, tok = init_reward_model_from_causal_lm(path)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(5, len(tok), (n,), generator=g).tolist()
+
+    long_prompt, short_prompt = tokens(40), tokens(9)
+    sequences = [long_prompt + tokens(k) for k in (1, 3, 7, 12, 2)]
+    sequences += [sequences[1] + tokens(6)]  # sequence 1 is a prefix of this one
+    sequences += [short_prompt + tokens(k) for k in (4, 20, 1)]
+    sequences += [tokens(15), tokens(3), long_prompt[:5] + tokens(10)]  # no shared prefix worth a group
+    groups, singles = shared_prefix_groups(sequences)
+    assert {len(members) for _, members in groups} == {6, 3}
+    assert sorted(singles) == [9, 10, 11]
+
+    split = freeze_lower_part(model, 2)
+    cache = FeatureCache(model, split, sequences, tok.pad_token_id, batch_size=4)
+    with torch.no_grad():
+        for i, seq in enumerate(sequences):
+            ids = torch.tensor([seq])
+            out = model.base_model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True
+            )
+            expected = out.hidden_states[split][0]
+            assert cache.features[i].shape == expected.shape
+            torch.testing.assert_close(cache.features[i], expected, atol=1e-5, rtol=1e-5)
+    scorer = RewardScorer(model, sequences, tok.pad_token_id, cache)
+    assert check_cache_exact(model, scorer, list(range(len(sequences))), tolerance=1e-5) <= 1e-4
