@@ -169,6 +169,14 @@ class RewardModelConfig(TrainJobConfig):
     head_learning_rate: float | None = Field(
         None, gt=0, description="Learning rate of the score head (default: learning_rate)."
     )
+    group_by_prompt: bool = Field(
+        False,
+        description="Order each epoch's pairs so that the pairs of one prompt land in the same batch (prompts "
+        "shuffled per epoch by seed; a prompt's pairs may straddle two batches; batch_size still counts pairs). "
+        "A response in several pairs of a batch is scored once, so a batch costs one forward per distinct "
+        "response instead of two per pair (InstructGPT trains on all comparisons of a prompt as one batch "
+        "element and reports less overfitting than with shuffled pairs).",
+    )
 
 
 class PPOConfig(TrainJobConfig):

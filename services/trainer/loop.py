@@ -59,12 +59,30 @@ def plan_state(plan: StepPlan, step: int, num_examples: int) -> dict:
     return {"epoch": epoch, "batch": index, "batch_size": plan.batch_size, "num_examples": num_examples}
 
 
-def batch_indices(plan: StepPlan, step: int, num_examples: int, seed: int) -> list[int]:
-    """Indices of the global batch of ``step`` (0-based): a fresh permutation per epoch."""
+def batch_indices(
+    plan: StepPlan, step: int, num_examples: int, seed: int, groups: Sequence[int] | None = None
+) -> list[int]:
+    """Indices of the global batch of ``step`` (0-based): a fresh permutation per epoch. With ``groups`` (a
+    group id per example) the permutation keeps each group's examples together (:func:`grouped_permutation`)."""
     epoch, index = plan.position(step)
     generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(num_examples, generator=generator)
+    if groups is None:
+        order = torch.randperm(num_examples, generator=generator)
+    else:
+        if len(groups) != num_examples:
+            raise ValueError(f"groups: {len(groups)} group ids for {num_examples} examples")
+        order = grouped_permutation(groups, generator)
     return order[index * plan.batch_size : (index + 1) * plan.batch_size].tolist()
+
+
+def grouped_permutation(groups: Sequence[int], generator: torch.Generator) -> torch.Tensor:
+    """A permutation of ``range(len(groups))`` in which the examples of one group are neighbours: the groups
+    in random order, each group's examples in random order (``groups[i]`` = group id of example i)."""
+    ids = torch.as_tensor(list(groups), dtype=torch.long)
+    distinct, group_of = torch.unique(ids, return_inverse=True)
+    group_rank = torch.randperm(len(distinct), generator=generator)
+    within = torch.randperm(len(ids), generator=generator)
+    return torch.argsort(group_rank[group_of] * len(ids) + within)
 
 
 def chunks(items: Sequence, size: int) -> Iterator[list]:

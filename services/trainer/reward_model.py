@@ -23,6 +23,7 @@ reward service uses for normalized scores.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import shutil
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rlhf.core.errors import FailedPrecondition
 from rlhf.core.models import (
     init_reward_model_from_causal_lm,
     load_tokenizer,
@@ -289,10 +291,23 @@ def encode_pairs(
 
 
 def score_pairs(scorer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r_chosen [B], r_rejected [B]) in one forward pass over 2B sequences."""
+    """(r_chosen [B], r_rejected [B]) in one forward pass over the distinct sequences of the pairs (a sequence
+    in several pairs is scored once; its gradient collects the contributions of all of them)."""
     rows = torch.tensor([p[0] for p in pairs] + [p[1] for p in pairs], dtype=torch.long)
-    rewards = scorer(rows)
+    distinct, inverse = torch.unique(rows, return_inverse=True)
+    rewards = scorer(distinct)[inverse]
     return rewards[: len(pairs)], rewards[len(pairs) :]
+
+
+def prompt_groups(comparisons) -> list[int]:
+    """A prompt id per comparison (equal prompts, equal ids; numbered in order of first appearance)."""
+    ids: dict[str, int] = {}
+    return [
+        ids.setdefault(
+            c.prompt if isinstance(c.prompt, str) else json.dumps(c.prompt, sort_keys=True), len(ids)
+        )
+        for c in comparisons
+    ]
 
 
 def freeze_lower_part(model, trainable_layers: int) -> int:
@@ -398,6 +413,7 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
         index: dict = {}
         train = encode_pairs(tokenizer, data.train, cfg.max_length, sequences, index)
         evals = encode_pairs(tokenizer, data.eval, cfg.max_length, sequences, index)
+        groups = prompt_groups(data.train) if cfg.group_by_prompt else None
         plan = plan_steps(cfg, len(train), info.world_size)
         log.info(
             "reward model on %d train / %d eval pairs (%d distinct sequences): %d steps of %d",
@@ -421,7 +437,13 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
             job.track("model", model, tokenizer=tokenizer)
             job.track("optimizer", optimizer)
             job.track("scheduler", scheduler)
-            check_resumed_plan(job.resume(), plan, len(train))
+            resumed = job.resume()
+            check_resumed_plan(resumed, plan, len(train))
+            if resumed and bool(resumed.get("group_by_prompt", False)) != cfg.group_by_prompt:
+                raise FailedPrecondition(
+                    f"group_by_prompt: the checkpoint was taken with group_by_prompt="
+                    f"{bool(resumed.get('group_by_prompt', False))}; the data order would not continue"
+                )
             pad_id = tokenizer.pad_token_id
             cache = None
             if split:
@@ -434,7 +456,7 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
 
             while not job.done:
                 epoch, index = plan.position(job.step)
-                global_batch = batch_indices(plan, job.step, len(train), cfg.seed)
+                global_batch = batch_indices(plan, job.step, len(train), cfg.seed, groups)
                 mine = [train[i] for i in distributed.shard(global_batch, info.rank, info.world_size)]
                 micro_batches = list(chunks(mine, cfg.micro_batch_size))
                 loss_sum, correct = 0.0, 0.0
@@ -465,7 +487,10 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
                         "grad_norm": grad_norm,
                         "learning_rate": scheduler.get_last_lr()[0],
                     },
-                    train_state=plan_state(plan, job.step + 1, len(train)),
+                    train_state={
+                        **plan_state(plan, job.step + 1, len(train)),
+                        "group_by_prompt": cfg.group_by_prompt,
+                    },
                     tokens=int(n_tokens),
                     epoch=epoch,
                     evaluate=lambda: evaluate_pairs(scorer, evals, cfg, info),

@@ -191,3 +191,137 @@ def test_prefix_sharing_feature_cache_equals_the_full_model(tmp_path):
             torch.testing.assert_close(cache.features[i], expected, atol=1e-5, rtol=1e-5)
     scorer = RewardScorer(model, sequences, tok.pad_token_id, cache)
     assert check_cache_exact(model, scorer, list(range(len(sequences))), tolerance=1e-5) <= 1e-4
+
+
+class _TableScorer(torch.nn.Module):
+    """A score per sequence index, recording the rows of each call."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.linspace(-1.0, 1.0, n))
+        self.calls = []
+
+    def forward(self, rows):
+        self.calls.append(rows.tolist())
+        return self.table[rows] * 2.0
+
+
+def test_score_pairs_scores_each_distinct_sequence_once_with_the_same_loss_and_gradients():
+    from rlhf.trainer.reward_model import score_pairs
+
+    pairs = [(0, 1), (0, 2), (3, 1), (0, 1), (2, 3)]
+    scorer = _TableScorer(5)
+    chosen, rejected = score_pairs(scorer, pairs)
+    assert scorer.calls == [[0, 1, 2, 3]]
+    bradley_terry_loss_sum(chosen, rejected, center_coef=0.1).backward()
+    deduplicated = scorer.table.grad.clone()
+
+    reference = _TableScorer(5)
+    rewards = reference(torch.tensor([c for c, _ in pairs] + [r for _, r in pairs]))
+    ref_chosen, ref_rejected = rewards[: len(pairs)], rewards[len(pairs) :]
+    torch.testing.assert_close(chosen, ref_chosen)
+    torch.testing.assert_close(rejected, ref_rejected)
+    bradley_terry_loss_sum(ref_chosen, ref_rejected, center_coef=0.1).backward()
+    torch.testing.assert_close(deduplicated, reference.table.grad)
+
+
+def _prompt_pairs(prompts: int, replies: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """All reply pairs of each prompt (reply indices numbered per prompt) and the prompt id of each pair."""
+    import itertools
+
+    pairs, groups = [], []
+    for p in range(prompts):
+        for a, b in itertools.combinations(range(replies), 2):
+            pairs.append((p * replies + a, p * replies + b))
+            groups.append(p)
+    return pairs, groups
+
+
+def test_group_by_prompt_batches_keep_a_prompts_pairs_together_and_are_deterministic():
+    from rlhf.trainer.loop import StepPlan, batch_indices
+
+    pairs, groups = _prompt_pairs(prompts=30, replies=8)  # 28 pairs per prompt
+    # mix the prompts' pairs up, as a snapshot lists them
+    shuffle = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(5)).tolist()
+    pairs, groups = [pairs[i] for i in shuffle], [groups[i] for i in shuffle]
+    plan = StepPlan(steps_per_epoch=len(pairs) // 32, total_steps=3 * (len(pairs) // 32), batch_size=32)
+
+    def distinct_sequences(batch):
+        return len({row for i in batch for row in pairs[i]})
+
+    for epoch in range(2):
+        steps = range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch)
+        batches = [batch_indices(plan, s, len(pairs), 7, groups) for s in steps]
+        seen = [i for b in batches for i in b]
+        assert len(seen) == len(set(seen)) == plan.steps_per_epoch * 32  # each pair at most once per epoch
+        # a batch holds the pairs of one or two prompts: at most 16 sequences instead of 64
+        assert all(len({groups[i] for i in b}) <= 2 for b in batches)
+        assert max(distinct_sequences(b) for b in batches) <= 16
+        shuffled = [batch_indices(plan, s, len(pairs), 7) for s in steps]
+        assert min(distinct_sequences(b) for b in shuffled) > 40
+        # a prompt's pairs are neighbours in the epoch's order
+        order = [groups[i] for i in seen]
+        assert sum(a != b for a, b in zip(order, order[1:], strict=False)) == len(set(order)) - 1
+
+    # the whole epoch (the last partial batch included) covers every pair once
+    full = StepPlan(steps_per_epoch=1, total_steps=1, batch_size=len(pairs))
+    assert sorted(batch_indices(full, 0, len(pairs), 7, groups)) == list(range(len(pairs)))
+    # deterministic given (seed, epoch, step); another epoch or seed orders the prompts differently
+    assert batch_indices(plan, 3, len(pairs), 7, groups) == batch_indices(
+        plan, 3, len(pairs), 7, list(groups)
+    )
+    assert batch_indices(plan, 0, len(pairs), 7, groups) != batch_indices(
+        plan, plan.steps_per_epoch, len(pairs), 7, groups
+    )
+    assert batch_indices(plan, 0, len(pairs), 7, groups) != batch_indices(plan, 0, len(pairs), 8, groups)
+
+
+def test_group_by_prompt_is_a_flag_and_a_reward_model_learns_with_it(tmp_path, tiny_lm_path):
+    import argparse
+    import json
+
+    import pytest
+
+    from rlhf.core.config import add_config_arguments, config_from_args
+    from rlhf.core.errors import FailedPrecondition
+    from rlhf.trainer.reward_model import prompt_groups
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, RewardModelConfig)
+    assert config_from_args(RewardModelConfig, parser.parse_args(["--group-by-prompt"])).group_by_prompt
+    assert not config_from_args(RewardModelConfig, parser.parse_args([])).group_by_prompt
+
+    rows = []
+    for p in range(24):  # 4 pairs per prompt: each of 2 good replies against each of 2 bad ones
+        for good in ("wonderful", "great"):
+            for bad in ("terrible", "awful"):
+                rows.append(
+                    {"prompt": f"Tell me about thing {p}", "chosen": f"It is {good}.", "rejected": bad}
+                )
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = RewardModelConfig(
+        model=str(tiny_lm_path),
+        data_file=str(data),
+        eval_fraction=0.25,
+        run_dir=str(tmp_path / "rm"),
+        serve=False,
+        metrics_port=-1,
+        progress=False,
+        max_steps=30,
+        batch_size=8,
+        learning_rate=3e-3,
+        head_learning_rate=1e-2,
+        trainable_layers=1,
+        group_by_prompt=True,
+        eval_every=0,
+        checkpoint_every=15,
+        torch_threads=1,
+    )
+    groups = prompt_groups(load_comparisons(cfg).train)
+    assert len(groups) > len(set(groups)) >= 2
+    run_reward_model(cfg)
+    assert read_metrics(tmp_path / "rm")[-1]["eval_accuracy"] >= 0.9
+    # resuming with the other data order is refused
+    with pytest.raises(FailedPrecondition, match="group_by_prompt"):
+        run_reward_model(cfg.model_copy(update={"group_by_prompt": False, "resume": True}))
