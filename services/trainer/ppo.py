@@ -20,7 +20,9 @@ One iteration (the loop of ``run_ppo`` reads like the algorithm)::
     reference  one forward of the frozen reference -> reference logprobs
     values     one forward of the policy -> logprobs (compared with the service's: the mismatch is a metric)
                and values. With one minibatch per epoch this forward *is* the first PPO forward (the policy
-               has not moved yet), so it runs with gradients inside ``update`` and is not repeated.
+               has not moved yet), so it runs with gradients inside ``update`` and is not repeated. With RLOO
+               and the service's logprobs reusable it is skipped: nothing needs values, the service's logprobs
+               serve for the ratio and the KL, and entropy/mismatch are read off the first update forward.
     update     shaped rewards (score on the last token, -kl_coef * KL against the reference on every token,
                a penalty when no EOS) -> GAE -> whitened advantages -> num_ppo_epochs x num_mini_batches
                clipped PPO steps (policy + vf_coef * value loss, gradient clipping) -> adaptive KL coefficient
@@ -391,11 +393,22 @@ class PPOLearner:
             self.value_head.init_to(float(self._shaped_scores(rollout).mean()))
 
         # The first forward: values and the trainer's logprobs. With one minibatch of one micro-batch it keeps
-        # its graph and is reused as the first PPO forward (the policy has not changed yet).
+        # its graph and is reused as the first PPO forward (the policy has not changed yet). With RLOO (no
+        # values) and the service's logprobs usable as old logprobs it is not needed at all: the statistics it
+        # gave (entropy, the logprob mismatch) come from the first minibatch's forwards instead, which see the
+        # same weights.
         fused = cfg.num_mini_batches == 1 and micro >= batch
+        same_version = rollout.policy_version == policy_version
+        reuse = cfg.reuse_generation_logprobs and same_version
+        skip_first = not fused and reuse and cfg.advantage_estimator == "rloo"
         first: ForwardOut | None = None
-        with phase("update" if fused else "values"):
-            if fused:
+        entropy: torch.Tensor | None = None
+        mismatch: torch.Tensor | None = None
+        with phase("update" if fused or skip_first else "values"):
+            if skip_first:
+                logprobs = rollout.gen_logprobs
+                values = torch.zeros_like(logprobs)
+            elif fused:
                 first = self._forward(rollout, None)
                 logprobs, values, logits = (
                     first.logprobs.detach(),
@@ -409,22 +422,19 @@ class PPOLearner:
                 values = torch.cat([o.values for o in outs])
                 logits = outs[0].logits  # entropy from the first micro-batch (enough for a statistic)
                 entropy_mask = mask[: logits.shape[0]]
-            with torch.no_grad():
-                entropy = masked_mean(
-                    entropy_from_logits(logits, cfg.temperature),
-                    mask if fused else entropy_mask,
-                )
-            del logits
+            if not skip_first:
+                with torch.no_grad():
+                    entropy = masked_mean(
+                        entropy_from_logits(logits, cfg.temperature),
+                        mask if fused else entropy_mask,
+                    )
+                del logits
+                mismatch = (logprobs - rollout.gen_logprobs).abs()[mask]
             logprobs = logprobs.masked_fill(~mask, 0.0)
             values = values.masked_fill(~mask, 0.0)
             assert_finite("policy logprobs", logprobs)
             assert_finite("values", values)
-
-            mismatch = (logprobs - rollout.gen_logprobs).abs()[mask]
-            same_version = rollout.policy_version == policy_version
-            old_logprobs = (
-                rollout.gen_logprobs if cfg.reuse_generation_logprobs and same_version else logprobs
-            )
+            old_logprobs = rollout.gen_logprobs if reuse else logprobs
 
             rewards, non_score_reward, kl = compute_rewards(
                 rollout.scores,
@@ -465,6 +475,17 @@ class PPOLearner:
                     for rows in mb_rows.split(micro):
                         out = first if first is not None else self._forward(rollout, rows)
                         first = None
+                        if entropy is None:
+                            # the first micro-batch's forward, before any optimizer step (skip_first)
+                            with torch.no_grad():
+                                logits = out.logits.detach()
+                                entropy = masked_mean(
+                                    entropy_from_logits(logits, cfg.temperature), mask[rows]
+                                )
+                                del logits
+                                mismatch = (out.logprobs.detach() - rollout.gen_logprobs[rows]).abs()[
+                                    mask[rows]
+                                ]
                         pg_loss, pg_stats = ppo_policy_loss(
                             out.logprobs, old_logprobs[rows], advantages[rows], mask[rows], cfg.cliprange
                         )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import pytest
 import torch
 
@@ -232,22 +235,31 @@ def test_bench_summary_leaves_out_the_warm_up_and_counts_the_rest_as_idle():
     assert result["step_seconds"] == [50.0, 10.0, 12.0]
 
 
-def test_rloo_step_moves_each_prompt_towards_its_better_sample_without_touching_the_value_head(tiny_lm_path):
+@pytest.mark.parametrize("num_mini_batches, micro, version", [(1, 4, 3), (2, 1, 3), (2, 1, 4)])
+def test_rloo_step_moves_each_prompt_towards_its_better_sample_without_touching_the_value_head(
+    tiny_lm_path, num_mini_batches, micro, version
+):
     """Two prompts x two samples; in each group one sample scores higher (the second group is offset by +5,
-    which the leave-one-out baseline removes). The better sample of each prompt becomes more likely."""
+    which the leave-one-out baseline removes). The better sample of each prompt becomes more likely.
+
+    With several minibatches and the rollout from the trainer's version (3), no separate forward computes the
+    old logprobs (the service's are used); a rollout of another version (4) gets the trainer's recompute."""
     model = load_causal_lm(tiny_lm_path)
     tok = load_tokenizer(tiny_lm_path)
     eos = tok.eos_token_id
     prompts = [[1, 20, 21], [1, 20, 21], [1, 30, 31], [1, 30, 31]]
-    responses = [[40, 41, 42, eos], [60, 61, 62, eos], [60, 61, 62, eos], [40, 41, 42, eos]]
+    responses = [[40, 41, 42, eos], [60, 61, 62, eos], [70, 71, 72, eos], [50, 51, 52, eos]]
     r = _rollout(tok, prompts, responses)
     with torch.no_grad():
         before = response_forward(model, r, None, 1.0).logprobs
     r.gen_logprobs = before.clone()
     r.scores = r.raw_scores = torch.tensor([1.0, -1.0, 6.0, 4.0])
+    torch.manual_seed(0)  # the minibatch order
     cfg = PPOConfig(
         model=str(tiny_lm_path),
         batch_size=4,
+        micro_batch_size=micro,
+        num_mini_batches=num_mini_batches,
         samples_per_prompt=2,
         advantage_estimator="rloo",
         num_ppo_epochs=2,
@@ -258,14 +270,23 @@ def test_rloo_step_moves_each_prompt_towards_its_better_sample_without_touching_
     )
     head = ValueHead(model.config.hidden_size)
     learner = PPOLearner(model, head, cfg, total_iterations=10)
-    stats = learner.step(r, before.clone(), policy_version=3)
+    phases = []
+
+    def phase(name):
+        phases.append(name)
+        return contextlib.nullcontext()
+
+    stats = learner.step(r, before.clone(), policy_version=version, phase=phase)
+    assert ("values" in phases) == (num_mini_batches > 1 and version != 3)
+    assert stats["logprob_mismatch_max"] < 1e-5  # measured on an update forward when the pass is skipped
+    assert 0 < stats["entropy"] < math.log(model.config.vocab_size) + 1e-3
     head_before = head.summary.weight.detach().clone()
     with torch.no_grad():
         after = response_forward(model, r, None, 1.0).logprobs
     delta = [(after[i].sum() - before[i].sum()).item() for i in range(4)]
     assert delta[0] > 0 > delta[1] and delta[2] > 0 > delta[3]
     assert stats["loss"] == pytest.approx(stats["policy_loss"])
-    learner.step(r, before.clone(), policy_version=3)
+    learner.step(r, before.clone(), policy_version=version)
     assert torch.equal(head.summary.weight, head_before)  # no value loss: the value head does not learn
 
 
