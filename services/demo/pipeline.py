@@ -87,7 +87,7 @@ class Preset:
     ppo_mini_batches: int
     # evaluation
     eval_prompts: int  # 0 = every eval prompt
-    generation_batch: int  # prompts per Generate call
+    generation_batch: int  # sequences in flight to the generation service (it batches them)
     max_length: int
     stage_estimates: dict = field(default_factory=dict)
 
@@ -123,7 +123,7 @@ PRESETS: dict[str, Preset] = {
         ppo_epochs=2,
         ppo_mini_batches=2,
         eval_prompts=0,
-        generation_batch=16,
+        generation_batch=64,
         max_length=256,
         stage_estimates={
             "services": 10,
@@ -166,7 +166,7 @@ PRESETS: dict[str, Preset] = {
         ppo_epochs=1,
         ppo_mini_batches=1,
         eval_prompts=12,
-        generation_batch=16,
+        generation_batch=64,
         max_length=160,
         stage_estimates={
             "services": 15,
@@ -209,7 +209,7 @@ PRESETS: dict[str, Preset] = {
         ppo_epochs=1,
         ppo_mini_batches=1,
         eval_prompts=16,
-        generation_batch=16,
+        generation_batch=32,
         max_length=128,
         stage_estimates={
             "services": 8,
@@ -307,8 +307,9 @@ def generate(
 ) -> list[list[Generated]]:
     """``n`` samples per prompt from the generation service.
 
-    One request per prompt, up to ``batch`` of them in flight (asynchronous gRPC calls; the service batches
-    concurrent requests into shared forward passes). Each prompt has its own seed (``seed`` + its index): the
+    One request per prompt, up to ``batch`` sequences (``batch // n`` requests) in flight (asynchronous gRPC
+    calls; the service batches concurrent requests into shared forward passes: on a CPU 64 sequences per decode
+    step give 1.5x the samples per second of 16). Each prompt has its own seed (``seed`` + its index): the
     service seeds a sample from (request seed, sample index), so prompts sharing one request would share their
     random draws. On any error or Ctrl-C the calls still in flight are cancelled.
     """
@@ -332,7 +333,7 @@ def generate(
     with _bar(len(prompts) * n, desc, progress) as bar:
         try:
             while len(out) < len(prompts):
-                while next_index < len(prompts) and len(in_flight) < max(1, batch):
+                while next_index < len(prompts) and len(in_flight) < max(1, batch // n):
                     in_flight.append(request(next_index))
                     next_index += 1
                 response = in_flight.popleft().result()
@@ -498,7 +499,7 @@ def run_demo(cfg) -> DemoOutcome:
                 "--model",
                 str(base),
                 "--max-batch-size",
-                str(max(16, preset.generation_batch * max(preset.demo_k, 2))),
+                str(max(16, preset.generation_batch)),
                 "--max-new-tokens-limit",
                 str(max(64, preset.max_new_tokens)),
                 *common,
@@ -830,7 +831,9 @@ def reward_model_accuracy(store, rm_client, snapshot: str, pool, rm_path: Path) 
     for c in comparisons:
         prompt = rec.prompt_value(c.prompt)
         items += [(prompt, c.responses[0].text), (prompt, c.responses[1].text)]
-    scores = rm_client.score(items)
+    distinct = list(dict.fromkeys(items))  # a reply is in several comparisons: scored once
+    score_of = dict(zip(distinct, rm_client.score(distinct), strict=True))
+    scores = [score_of[item] for item in items]
     hits, gold_correct = [], 0.0
     for i, c in enumerate(comparisons):
         s0, s1 = scores[2 * i], scores[2 * i + 1]
