@@ -131,6 +131,11 @@ class MicroBatcher:
         if self._task is None or self._task.done():
             raise Unavailable("the reward batcher is not running")
         if len(self._pending) + len(sequences) > self.max_queue:
+            # calls that gave up (deadline, cancelled) leave their pairs queued until the collector reaches
+            # them: they do not count against the limit
+            self._pending = deque(p for p in self._pending if not p.future.done())
+            metrics.QUEUE_DEPTH.set(len(self._pending))
+        if len(self._pending) + len(sequences) > self.max_queue:
             raise ResourceExhausted(
                 f"reward queue full ({len(self._pending)} pairs waiting, limit {self.max_queue}); retry later"
             )

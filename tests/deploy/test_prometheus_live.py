@@ -199,10 +199,12 @@ def drive_reward(target: str) -> None:
     from rlhf.core.client import RetryPolicy
     from rlhf.reward.client import RewardClient
 
-    with RewardClient(target, token=TOKEN, retry=RetryPolicy(retry_timeout=0)) as client:
+    # valid traffic retries RESOURCE_EXHAUSTED as a client would (max_queue is 2 and the machine may be busy)
+    with RewardClient(target, token=TOKEN, retry=RetryPolicy(retry_timeout=30)) as client:
         for i in range(5):
             scores = client.score([(f"Question {i}?", "An answer."), ("Hello", "Hi there")])
             assert len(scores) == 2
+    with RewardClient(target, token=TOKEN, retry=RetryPolicy(retry_timeout=0)) as client:
         with pytest.raises(grpc.RpcError) as info:  # invalid: no items
             client.score_detailed([])
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -94,7 +94,9 @@ def test_cancelled_callers_are_skipped_and_full_queue_is_refused():
         with pytest.raises(ResourceExhausted, match="queue full"):
             await batcher.score(OLD, [[0] * 3, [0] * 3])
         doomed.cancel()
-        kept = asyncio.ensure_future(batcher.score(OLD, [[0] * 4]))
+        await asyncio.sleep(0.01)
+        # the cancelled pairs are still queued but no longer count: 3 new ones fit under max_queue=3
+        kept = asyncio.ensure_future(batcher.score(OLD, [[0] * 4] * 3))
         await asyncio.sleep(0.01)
         fake.gate.set()
         result = await first, await kept
@@ -103,8 +105,8 @@ def test_cancelled_callers_are_skipped_and_full_queue_is_refused():
             await batcher.score(OLD, [[0]])
         return result
 
-    assert run(go()) == ([1], [4])
-    assert [lengths for _, lengths in fake.batches] == [[1], [4]]  # the cancelled pairs never ran
+    assert run(go()) == ([1], [4, 4, 4])
+    assert [lengths for _, lengths in fake.batches] == [[1], [4], [4], [4]]  # the cancelled pairs never ran
 
 
 def test_a_batch_waits_for_announced_calls_still_being_tokenized():
