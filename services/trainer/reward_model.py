@@ -142,9 +142,9 @@ class FeatureCache:
     float tensor [len, hidden] per sequence.
 
     Sequences that share a prefix (:func:`shared_prefix_groups`: the replies to one prompt) run it once: the
-    prefixes go through the lower layers in batches keeping their KV cache, then each group's suffixes run as
-    a batch on top of its prefix's cache (the cache repeated per row, the suffixes right-padded, positions
-    continuing after the prefix). A sequence's features are its prefix's followed by its suffix's, the same
+    prefixes go through the lower layers in batches keeping their KV cache, then the suffixes run in batches
+    on top of their prefixes' caches (each row's prefix cache left-padded to the batch's longest prefix and the
+    padding masked out, the suffixes right-padded, positions continuing after the prefix). A sequence's features are its prefix's followed by its suffix's, the same
     hidden states a full pass computes. The other sequences run whole, in batches of similar length.
     """
 
@@ -213,28 +213,45 @@ class FeatureCache:
             backbone, ids, mask, position_ids_from_mask(mask), DynamicCache()
         )
         layer_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
-        for g, (length, members) in enumerate(groups):
-            head = prefix_hidden[g, :length]
-            for batch in chunks(members, self.batch_size):
-                cache = DynamicCache(
-                    [
-                        (
-                            k[g : g + 1, :, :length].expand(len(batch), -1, -1, -1),
-                            v[g : g + 1, :, :length].expand(len(batch), -1, -1, -1),
-                        )
-                        for k, v in layer_kv
-                    ]
+        # the suffixes of all groups of the chunk, in batches of similar suffix length (a batch holds suffixes
+        # of several groups: fewer, larger forward passes than one batch per group)
+        rows = [(g, i) for g, (_, members) in enumerate(groups) for i in members]
+        rows.sort(key=lambda r: len(self.sequences[r[1]]) - groups[r[0]][0])
+        for batch in chunks(rows, self.batch_size):
+            lengths = [groups[g][0] for g, _ in batch]
+            width = max(lengths)
+            # each row's prefix cache, left-padded to the longest prefix of the batch (padding masked out)
+            prefix_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            kv = [
+                (
+                    k.new_zeros((len(batch), *k.shape[1:2], width, k.shape[3])),
+                    v.new_zeros((len(batch), *v.shape[1:2], width, v.shape[3])),
                 )
-                ids, suffix_mask = pad_right([self.sequences[i][length:] for i in batch], self.pad_id)
-                full_mask = torch.cat(
-                    [torch.ones((len(batch), length), dtype=torch.long), suffix_mask], dim=1
+                for k, v in layer_kv
+            ]
+            for row, (g, _) in enumerate(batch):
+                length = lengths[row]
+                prefix_mask[row, width - length :] = 1
+                for (k, v), (pk, pv) in zip(layer_kv, kv, strict=True):
+                    pk[row, :, width - length :] = k[g, :, :length]
+                    pv[row, :, width - length :] = v[g, :, :length]
+            ids, suffix_mask = pad_right(
+                [self.sequences[i][lengths[row] :] for row, (_, i) in enumerate(batch)], self.pad_id
+            )
+            offsets = torch.tensor(lengths, dtype=torch.long)[:, None]
+            hidden, _ = self._lower(
+                backbone,
+                ids,
+                torch.cat([prefix_mask, suffix_mask], dim=1),
+                offsets + position_ids_from_mask(suffix_mask),
+                DynamicCache(kv),
+            )
+            for row, (g, i) in enumerate(batch):
+                length = lengths[row]
+                self.features[i] = torch.cat(
+                    [prefix_hidden[g, :length], hidden[row, : len(self.sequences[i]) - length]]
                 )
-                hidden, _ = self._lower(
-                    backbone, ids, full_mask, length + position_ids_from_mask(suffix_mask), cache
-                )
-                for row, i in enumerate(batch):
-                    self.features[i] = torch.cat([head, hidden[row, : len(self.sequences[i]) - length]])
-            self._done(len(members))
+            self._done(len(batch))
 
     def batch(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(features [B, T, hidden] right-padded with zeros, attention mask [B, T]) of ``rows``."""
