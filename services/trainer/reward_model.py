@@ -144,8 +144,9 @@ class FeatureCache:
     Sequences that share a prefix (:func:`shared_prefix_groups`: the replies to one prompt) run it once: the
     prefixes go through the lower layers in batches keeping their KV cache, then the suffixes run in batches
     on top of their prefixes' caches (each row's prefix cache left-padded to the batch's longest prefix and the
-    padding masked out, the suffixes right-padded, positions continuing after the prefix). A sequence's features are its prefix's followed by its suffix's, the same
-    hidden states a full pass computes. The other sequences run whole, in batches of similar length.
+    padding masked out, the suffixes right-padded, positions continuing after the prefix). A sequence's
+    features are its prefix's followed by its suffix's, the same hidden states a full pass computes. The other
+    sequences run whole, in batches of similar length.
     """
 
     def __init__(self, model, split: int, sequences: list[list[int]], pad_id: int, batch_size: int, bar=None):
@@ -224,8 +225,8 @@ class FeatureCache:
             prefix_mask = torch.zeros((len(batch), width), dtype=torch.long)
             kv = [
                 (
-                    k.new_zeros((len(batch), *k.shape[1:2], width, k.shape[3])),
-                    v.new_zeros((len(batch), *v.shape[1:2], width, v.shape[3])),
+                    k.new_zeros((len(batch), k.shape[1], width, k.shape[3])),
+                    v.new_zeros((len(batch), v.shape[1], width, v.shape[3])),
                 )
                 for k, v in layer_kv
             ]
