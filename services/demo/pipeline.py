@@ -75,6 +75,7 @@ class Preset:
     rm_head_learning_rate: float
     rm_batch_size: int
     rm_trainable_layers: int
+    rm_group_by_prompt: bool  # all pairs of a prompt in one batch: one forward per reply, not per pair
     # PPO
     ppo_iterations: int
     ppo_rollouts: int
@@ -113,6 +114,7 @@ PRESETS: dict[str, Preset] = {
         rm_head_learning_rate=2e-3,
         rm_batch_size=32,
         rm_trainable_layers=2,
+        rm_group_by_prompt=True,
         ppo_iterations=20,
         ppo_rollouts=16,
         ppo_learning_rate=2e-5,
@@ -127,12 +129,12 @@ PRESETS: dict[str, Preset] = {
         max_length=256,
         stage_estimates={
             "services": 10,
-            "demonstrations": 160,
-            "sft": 170,
-            "comparisons": 150,
-            "reward_model": 270,
-            "ppo": 560,
-            "evaluation": 175,
+            "demonstrations": 155,
+            "sft": 165,
+            "comparisons": 165,
+            "reward_model": 185,
+            "ppo": 620,
+            "evaluation": 140,
             "report": 5,
         },
     ),
@@ -156,6 +158,7 @@ PRESETS: dict[str, Preset] = {
         rm_head_learning_rate=5e-4,
         rm_batch_size=16,
         rm_trainable_layers=2,
+        rm_group_by_prompt=True,
         ppo_iterations=3,
         ppo_rollouts=4,
         ppo_learning_rate=1e-5,
@@ -199,6 +202,7 @@ PRESETS: dict[str, Preset] = {
         rm_head_learning_rate=1e-2,
         rm_batch_size=16,
         rm_trainable_layers=1,
+        rm_group_by_prompt=True,
         ppo_iterations=2,
         ppo_rollouts=8,
         ppo_learning_rate=1e-4,
@@ -757,6 +761,7 @@ def train_reward_model(
         learning_rate=preset.rm_learning_rate,
         head_learning_rate=preset.rm_head_learning_rate,
         trainable_layers=preset.rm_trainable_layers,
+        group_by_prompt=preset.rm_group_by_prompt,
         batch_size=preset.rm_batch_size,
         micro_batch_size=preset.rm_batch_size,
         eval_batch_size=32,
