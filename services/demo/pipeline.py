@@ -241,7 +241,9 @@ def _clock(seconds: float) -> str:
 
 class StageClock:
     """Prints ``[3/8] sft ...`` lines with the elapsed time and an ETA: the preset's remaining estimates,
-    scaled by how fast the finished stages ran compared with their estimates."""
+    scaled by how fast the finished stages ran compared with their estimates. The speed starts from a prior
+    worth a tenth of the whole estimate at speed 1, so a short first stage (services: a few seconds) does not
+    halve or double the ETA on its own."""
 
     def __init__(self, estimates: dict[str, float], enabled: bool = True, stream=None):
         self.estimates = {s: float(estimates.get(s, 1.0)) for s in STAGES}
@@ -253,8 +255,9 @@ class StageClock:
         self._t0 = 0.0
 
     def eta(self) -> float:
-        done_est = sum(self.estimates[s] for s in self.seconds)
-        done_real = sum(self.seconds.values())
+        prior = 0.1 * sum(self.estimates.values())
+        done_est = sum(self.estimates[s] for s in self.seconds) + prior
+        done_real = sum(self.seconds.values()) + prior
         speed = done_real / done_est if done_est > 0 else 1.0
         remaining = [s for s in STAGES if s not in self.seconds]
         return speed * sum(self.estimates[s] for s in remaining)
