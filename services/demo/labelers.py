@@ -269,25 +269,36 @@ def collect_comparisons(
     *,
     tag: str,
     rng: random.Random,
+    labelers_per_pair: int = 1,
 ) -> list[feedback_pb2.Comparison]:
-    """Give each (prompt, a, b) to a comparer drawn at random from ``comparers``; store the answers."""
+    """Give each (prompt, a, b) to ``labelers_per_pair`` different comparers drawn at random from
+    ``comparers`` (each answers on their own, one record each, as several annotators per item); store the
+    answers."""
+    if not 1 <= labelers_per_pair <= len(comparers):
+        raise ValueError(f"labelers_per_pair: must be between 1 and the {len(comparers)} comparers")
     records = []
     for index, (prompt, a, b) in enumerate(items):
         if not (a.text.strip() and b.text.strip()):
             continue  # the store refuses empty responses; nobody is asked to compare an empty reply
-        labeler = comparers[rng.randrange(len(comparers))]
-        chosen = labeler.compare(prompt, a, b, rng)
-        records.append(
-            rec.make_comparison(
-                prompt,
-                [a.text, b.text],
-                chosen_index=chosen,
-                idempotency_key=f"demo:{tag}:cmp:{index}:{_key(_prompt_key(prompt), a.text, b.text)}",
-                labeler_id=labeler.id,
-                model_versions=[a.model_version, b.model_version],
-                metadata={"finished": _flags([a, b])},
+        if labelers_per_pair == 1:
+            chosen_labelers = [comparers[rng.randrange(len(comparers))]]
+        else:
+            chosen_labelers = rng.sample(list(comparers), labelers_per_pair)
+        key = _key(_prompt_key(prompt), a.text, b.text)
+        for labeler in chosen_labelers:
+            chosen = labeler.compare(prompt, a, b, rng)
+            suffix = "" if labelers_per_pair == 1 else f":{labeler.id}"
+            records.append(
+                rec.make_comparison(
+                    prompt,
+                    [a.text, b.text],
+                    chosen_index=chosen,
+                    idempotency_key=f"demo:{tag}:cmp:{index}:{key}{suffix}",
+                    labeler_id=labeler.id,
+                    model_versions=[a.model_version, b.model_version],
+                    metadata={"finished": _flags([a, b])},
+                )
             )
-        )
     if records:
         client.add_comparisons(records)
     return records

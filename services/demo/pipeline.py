@@ -68,6 +68,7 @@ class Preset:
     base_comparisons: bool
     comparison_prompts: int
     comparison_samples: int
+    comparison_labelers: int  # different comparers who judge each pair (one record each)
     rating_prompts: int
     # reward model: the top rm_trainable_layers layers and the head (0 = the whole model)
     rm_epochs: float
@@ -108,8 +109,9 @@ PRESETS: dict[str, Preset] = {
         base_comparisons=True,
         comparison_prompts=100,
         comparison_samples=4,
+        comparison_labelers=3,
         rating_prompts=48,
-        rm_epochs=2.0,
+        rm_epochs=1.0,
         rm_learning_rate=2e-4,
         rm_head_learning_rate=2e-3,
         rm_batch_size=32,
@@ -152,6 +154,7 @@ PRESETS: dict[str, Preset] = {
         base_comparisons=True,
         comparison_prompts=16,
         comparison_samples=3,
+        comparison_labelers=1,
         rating_prompts=4,
         rm_epochs=1.0,
         rm_learning_rate=5e-5,
@@ -196,6 +199,7 @@ PRESETS: dict[str, Preset] = {
         base_comparisons=True,
         comparison_prompts=24,
         comparison_samples=3,
+        comparison_labelers=2,
         rating_prompts=8,
         rm_epochs=1.0,
         rm_learning_rate=1e-3,
@@ -579,6 +583,7 @@ def run_demo(cfg) -> DemoOutcome:
                     all_pairs([(g[0].prompt, [_candidate(x, "base") for x in g]) for g in groups]),
                     tag=f"s{cfg.seed}-base",
                     rng=rng,
+                    labelers_per_pair=preset.comparison_labelers,
                 )
             store.create_snapshot(
                 f"demo-sft-s{cfg.seed}", kinds=["demonstration"], eval_fraction=0.1, seed=cfg.seed
@@ -607,7 +612,7 @@ def run_demo(cfg) -> DemoOutcome:
             clock.begin(
                 "comparisons",
                 f"{len(comparison_prompts)} prompts x {k * (k - 1) // 2} pairs of {k} SFT samples, "
-                f"{len(rating_prompts)} rated",
+                f"{preset.comparison_labelers} comparer(s) per pair, {len(rating_prompts)} rated",
             )
             pairs = generate(
                 policy,
@@ -621,7 +626,14 @@ def run_demo(cfg) -> DemoOutcome:
                 progress=progress,
             )
             items = all_pairs([(g[0].prompt, [_candidate(x, "sft") for x in g]) for g in pairs])
-            compared = collect_comparisons(store, pool.comparers, items, tag=f"s{cfg.seed}", rng=rng)
+            compared = collect_comparisons(
+                store,
+                pool.comparers,
+                items,
+                tag=f"s{cfg.seed}",
+                rng=rng,
+                labelers_per_pair=preset.comparison_labelers,
+            )
             rated = generate(
                 policy,
                 rating_prompts,
@@ -648,6 +660,7 @@ def run_demo(cfg) -> DemoOutcome:
                 "comparisons": len(compared) + len(base_compared),
                 "sft_comparisons": len(compared),
                 "base_comparisons": len(base_compared),
+                "labelers_per_pair": preset.comparison_labelers,
                 "ratings": len(ratings),
             }
             clock.end()

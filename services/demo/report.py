@@ -258,7 +258,8 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
         if fb:
             lines.append(
                 f"- trained on {fb.get('comparisons', '?')} comparisons ({fb.get('base_comparisons', 0)} of base "
-                f"samples, {fb.get('sft_comparisons', fb.get('comparisons', '?'))} of SFT samples) and "
+                f"samples, {fb.get('sft_comparisons', fb.get('comparisons', '?'))} of SFT samples; each pair "
+                f"judged by {fb.get('labelers_per_pair', 1)} different comparer(s), one record each) and "
                 f"{fb.get('ratings', '?')} ratings, less the held-out prompts' share"
             )
         if rm.get("trainer_eval_accuracy") is not None:

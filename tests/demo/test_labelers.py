@@ -179,6 +179,30 @@ def test_collected_feedback_lands_in_the_store_and_replays_the_noise_model(feedb
     assert 0.0 <= gold_agreement_of_records(exported) <= 1.0
 
 
+def test_several_labelers_per_pair_each_give_their_own_record(feedback_client):
+    pool = default_pool(seed=3)
+    register_labelers(feedback_client, pool.all())
+    pairs = [(f"Describe park number {i}.", GOOD, BAD) for i in range(20)]
+    records = collect_comparisons(
+        feedback_client, pool.comparers, pairs, tag="multi", rng=random.Random(1), labelers_per_pair=3
+    )
+    assert len(records) == 60
+    by_pair: dict[str, list[str]] = {}
+    for r in records:
+        by_pair.setdefault(r.prompt.text, []).append(r.labeler_id)
+    assert all(len(ids) == 3 == len(set(ids)) for ids in by_pair.values())  # three different people
+    # replayed: nothing is duplicated in the store
+    collect_comparisons(
+        feedback_client, pool.comparers, pairs, tag="multi", rng=random.Random(1), labelers_per_pair=3
+    )
+    stored = [rec.exported_record(m) for m in feedback_client.export(kinds=["comparison"])]
+    assert len([c for c in stored if rec.prompt_value(c.prompt).startswith("Describe park")]) == 60
+    with pytest.raises(ValueError, match="labelers_per_pair"):
+        collect_comparisons(
+            feedback_client, pool.comparers, pairs, tag="x", rng=random.Random(1), labelers_per_pair=9
+        )
+
+
 def test_empty_replies_are_not_sent_to_the_store(feedback_client):
     pool = default_pool(seed=4)
     register_labelers(feedback_client, pool.all())
