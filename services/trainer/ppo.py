@@ -489,17 +489,19 @@ class PPOLearner:
                         pg_loss, pg_stats = ppo_policy_loss(
                             out.logprobs, old_logprobs[rows], advantages[rows], mask[rows], cfg.cliprange
                         )
-                        vf_loss, vf_clipfrac = ppo_value_loss(
-                            out.values, values[rows], returns[rows], mask[rows], cfg.cliprange_value
-                        )
-                        loss = (pg_loss + vf_coef * vf_loss) * (len(rows) / len(mb_rows))
-                        loss.backward()
+                        loss = pg_loss
+                        if vf_coef:
+                            vf_loss, vf_clipfrac = ppo_value_loss(
+                                out.values, values[rows], returns[rows], mask[rows], cfg.cliprange_value
+                            )
+                            loss = loss + vf_coef * vf_loss
+                            stats["value_loss"].append(float(vf_loss.detach()))
+                            stats["vf_clipfrac"].append(float(vf_clipfrac))
+                        (loss * (len(rows) / len(mb_rows))).backward()
                         stats["policy_loss"].append(float(pg_loss.detach()))
-                        stats["value_loss"].append(float(vf_loss.detach()))
                         stats["clipfrac"].append(float(pg_stats["clipfrac"]))
                         stats["approx_kl"].append(float(pg_stats["approx_kl"]))
                         stats["ratio"].append(float(pg_stats["ratio_mean"]))
-                        stats["vf_clipfrac"].append(float(vf_clipfrac))
                         del out
                     if cfg.max_grad_norm > 0:
                         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -529,17 +531,19 @@ class PPOLearner:
             "entropy": float(entropy),
             "response_length": float(lengths.mean()),
             "eos_fraction": float(rollout.ended_with_eos.float().mean()),
-            "explained_variance": float(explained_variance(values, returns, mask)),
-            "value_mean": float(masked_mean(values, mask)),
             "return_mean": float(masked_mean(returns, mask)),
             "logprob_mismatch_max": float(mismatch.max()) if mismatch.numel() else 0.0,
             "logprob_mismatch_mean": float(mismatch.mean()) if mismatch.numel() else 0.0,
             "kl_coef": self.kl_ctl.value,
             "learning_rate": self.scheduler.get_last_lr()[0],
         }
+        if vf_coef:  # with RLOO nothing learns or uses values: no value statistics to report
+            result["explained_variance"] = float(explained_variance(values, returns, mask))
+            result["value_mean"] = float(masked_mean(values, mask))
         for key, values_list in stats.items():
-            result[key if key != "ratio" else "ratio_mean"] = sum(values_list) / max(1, len(values_list))
-        result["loss"] = result["policy_loss"] + vf_coef * result["value_loss"]
+            if values_list:
+                result[key if key != "ratio" else "ratio_mean"] = sum(values_list) / len(values_list)
+        result["loss"] = result["policy_loss"] + vf_coef * result.get("value_loss", 0.0)
         return result
 
 

@@ -286,6 +286,8 @@ def test_rloo_step_moves_each_prompt_towards_its_better_sample_without_touching_
     delta = [(after[i].sum() - before[i].sum()).item() for i in range(4)]
     assert delta[0] > 0 > delta[1] and delta[2] > 0 > delta[3]
     assert stats["loss"] == pytest.approx(stats["policy_loss"])
+    # nothing learns or uses values: no value statistics (no rlhf_ppo_value_loss series, no report panel)
+    assert not {"value_loss", "vf_clipfrac", "explained_variance", "value_mean"} & set(stats)
     learner.step(r, before.clone(), policy_version=version)
     assert torch.equal(head.summary.weight, head_before)  # no value loss: the value head does not learn
 
