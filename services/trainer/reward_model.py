@@ -137,6 +137,10 @@ def shared_prefix_groups(
     return groups[::-1], singles[::-1]
 
 
+class FeaturePassStopped(Exception):
+    """A stop was requested while the feature pass ran (before the first training step)."""
+
+
 class FeatureCache:
     """The hidden states entering layer ``split`` (the output of the frozen lower part) of every sequence, one
     float tensor [len, hidden] per sequence.
@@ -149,7 +153,16 @@ class FeatureCache:
     sequences run whole, in batches of similar length.
     """
 
-    def __init__(self, model, split: int, sequences: list[list[int]], pad_id: int, batch_size: int, bar=None):
+    def __init__(
+        self,
+        model,
+        split: int,
+        sequences: list[list[int]],
+        pad_id: int,
+        batch_size: int,
+        bar=None,
+        should_stop=None,
+    ):
         base, name = decoder_layers(model)
         layers = list(getattr(base, name))
         if not 0 < split < len(layers):
@@ -160,6 +173,7 @@ class FeatureCache:
         self.pad_id = pad_id
         self.batch_size = batch_size
         self._bar = bar
+        self._should_stop = should_stop  # checked after every batch: FeaturePassStopped when it says so
         self._captured: list[torch.Tensor] = []
 
         def keep(_module, _args, output):
@@ -194,6 +208,8 @@ class FeatureCache:
     def _done(self, count: int) -> None:
         if self._bar is not None:
             self._bar.update(count)
+        if self._should_stop is not None and self._should_stop():
+            raise FeaturePassStopped
 
     def _run_whole(self, backbone, rows: list[int]) -> None:
         for batch in chunks(rows, self.batch_size):
@@ -404,8 +420,11 @@ def reward_statistics(scorer, rows: list[int], batch_size: int, info) -> tuple[f
     return mean, math.sqrt(var)
 
 
-def build_cache(model, split: int, sequences: list[list[int]], pad_id: int, cfg, info) -> FeatureCache:
-    """The frozen lower part's output for every sequence, with a progress bar when the job shows one."""
+def build_cache(
+    model, split: int, sequences: list[list[int]], pad_id: int, cfg, info, should_stop=None
+) -> FeatureCache:
+    """The frozen lower part's output for every sequence, with a progress bar when the job shows one;
+    raises FeaturePassStopped as soon as ``should_stop()`` is true."""
     from tqdm.auto import tqdm
 
     # like the job's own bar: rank 0 only; progress unset = only on a terminal (tqdm's disable=None)
@@ -414,7 +433,7 @@ def build_cache(model, split: int, sequences: list[list[int]], pad_id: int, cfg,
     with tqdm(
         total=len(sequences), desc="reward_model features", unit="seq", disable=disable, leave=False
     ) as bar:
-        return FeatureCache(model, split, sequences, pad_id, cfg.eval_batch_size, bar)
+        return FeatureCache(model, split, sequences, pad_id, cfg.eval_batch_size, bar, should_stop)
 
 
 def run_reward_model(cfg: RewardModelConfig) -> Path:
@@ -465,8 +484,17 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
             pad_id = tokenizer.pad_token_id
             cache = None
             if split:
-                with job.phase("features"):
-                    cache = build_cache(model, split, sequences, pad_id, cfg, info)
+                # A stop (SIGTERM, Ctrl-C, the StopJob RPC) during this pass, which takes minutes on a CPU,
+                # ends the job here rather than at the first step: no step has run since the start or the
+                # resumed checkpoint, so nothing is lost. With several ranks the stop is agreed on at the
+                # first step boundary as usual (one rank leaving alone would leave the others waiting).
+                should_stop = (lambda: job.stop_requested) if not info.enabled else None
+                try:
+                    with job.phase("features"):
+                        cache = build_cache(model, split, sequences, pad_id, cfg, info, should_stop)
+                except FeaturePassStopped:
+                    log.warning("stopped during the feature pass, before step %d", job.step + 1)
+                    job.finish()  # raises JobStopped
             scorer = RewardScorer(model, sequences, pad_id, cache)
             if cache is not None:
                 check_cache_exact(model, scorer, list(range(min(4, len(sequences)))))

@@ -3,6 +3,7 @@ service loads (with mean/std of the training rewards)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhf.core.chat import tokenize_prompt_response
@@ -104,6 +105,50 @@ def test_top_layers_from_cached_features_learn_and_leave_the_rest_untouched(
     for key in frozen:
         assert torch.equal(before[key], after[key]), key
     assert any(not torch.equal(before[k], after[k]) for k in moved)
+
+
+def test_a_stop_during_the_feature_pass_ends_the_job_there(
+    tmp_path, tiny_lm_path, preference_jsonl, monkeypatch
+):
+    """SIGTERM while the frozen layers' features are computed (minutes for a real model on a CPU): the job
+    stops after the current batch, before any step, instead of finishing the pass first."""
+    import signal
+
+    from rlhf.trainer import reward_model as rm
+    from rlhf.trainer.job import JobStopped
+
+    calls = []
+    lower = rm.FeatureCache._lower
+
+    def lower_then_sigterm(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGTERM)  # the job's handler: stop requested
+        return lower(self, *args, **kwargs)
+
+    monkeypatch.setattr(rm.FeatureCache, "_lower", lower_then_sigterm)
+    cfg = RewardModelConfig(
+        model=str(tiny_lm_path),
+        data_file=preference_jsonl,
+        eval_fraction=0.25,
+        run_dir=str(tmp_path / "rm"),
+        serve=False,
+        metrics_port=-1,
+        progress=False,
+        max_steps=5,
+        batch_size=8,
+        eval_batch_size=2,
+        trainable_layers=1,
+        eval_every=0,
+        checkpoint_every=0,
+        torch_threads=1,
+    )
+    with pytest.raises(JobStopped) as info:
+        run_reward_model(cfg)
+    assert info.value.step == 0 and "SIGTERM" in str(info.value)
+    # the pass has ~100 batches of 2; it ended after the first (a prefix batch and its suffixes' batch)
+    assert len(calls) <= 2
+    assert not (tmp_path / "rm" / "final").exists()
 
 
 def test_cached_path_matches_the_full_model(tiny_lm_path):
