@@ -429,7 +429,20 @@ def resolve_preset(cfg) -> Preset:
         "eval_prompts",
     )
     overrides = {name: getattr(cfg, name) for name in names if getattr(cfg, name, 0)}
-    return replace(preset, **overrides) if overrides else preset
+    if not overrides:
+        return preset
+    resolved = replace(preset, **overrides)
+    # the ETA: a stage's estimate grows with the size that drives it (eval_prompts 0 means all of them)
+    estimates = dict(preset.stage_estimates)
+    drivers = {"ppo": ("ppo_iterations", "ppo_rollouts"), "demonstrations": ("demo_prompts",)}
+    drivers["sft"] = drivers["demonstrations"]
+    drivers["comparisons"] = drivers["reward_model"] = ("comparison_prompts",)
+    for stage, fields in drivers.items():
+        for name in fields:
+            before, after = getattr(preset, name), getattr(resolved, name)
+            if stage in estimates and before and after != before:
+                estimates[stage] *= after / before
+    return replace(resolved, stage_estimates=estimates)
 
 
 def command_line(cfg) -> str:

@@ -28,6 +28,11 @@ def test_overrides_replace_preset_sizes():
         "rlhf demo --preset tiny --seed 0 --ppo-iterations 7 --comparison-prompts 9 --eval-prompts 5"
     )
     assert resolve_preset(DemoConfig(preset="tiny")) == PRESETS["tiny"]
+    # the ETA follows: PPO's estimate scales with the iterations, the untouched stages keep theirs
+    default = PRESETS["default"]
+    longer = resolve_preset(DemoConfig(ppo_iterations=2 * default.ppo_iterations))
+    assert longer.stage_estimates["ppo"] == pytest.approx(2 * default.stage_estimates["ppo"])
+    assert longer.stage_estimates["sft"] == default.stage_estimates["sft"]
 
 
 def test_eta_scales_remaining_estimates_by_observed_speed():
