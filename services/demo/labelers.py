@@ -280,7 +280,7 @@ def collect_comparisons(
     for index, (prompt, a, b) in enumerate(items):
         if not (a.text.strip() and b.text.strip()):
             continue  # the store refuses empty responses; nobody is asked to compare an empty reply
-        if labelers_per_pair == 1:
+        if labelers_per_pair == 1:  # the draw (and key) of one comparer per pair, as before: same runs
             chosen_labelers = [comparers[rng.randrange(len(comparers))]]
         else:
             chosen_labelers = rng.sample(list(comparers), labelers_per_pair)

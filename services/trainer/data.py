@@ -75,7 +75,8 @@ def prompt_value(prompt) -> Prompt:
     return payload["text"] if "text" in payload else payload["chat"]
 
 
-def _prompt_key(prompt: Prompt) -> str:
+def prompt_key(prompt: Prompt) -> str:
+    """The same string for equal prompts (text or chat messages)."""
     return rec.canonical_json(prompt)
 
 
@@ -166,7 +167,7 @@ def ratings_to_comparisons(ratings: Iterable[RawRecord], margin: float = 0.0) ->
         low, high = rating_scale(item.message)
         if high <= low:
             continue
-        key = (item.split, _prompt_key(prompt))
+        key = (item.split, prompt_key(prompt))
         prompts[key] = prompt
         groups[key][item.message.response.text].append((item.message.score - low) / (high - low))
     out = []
@@ -229,7 +230,7 @@ def load_prompts(cfg: TrainJobConfig, kinds: Iterable[str] = ("prompt",)) -> Spl
     seen: set[tuple[str, str]] = set()
     for item in iter_records(cfg, kinds):
         prompt = prompt_value(item.message.prompt)
-        key = (item.split, _prompt_key(prompt))
+        key = (item.split, prompt_key(prompt))
         if key not in seen:
             seen.add(key)
             getattr(splits, item.split).append(prompt)
@@ -272,3 +273,16 @@ def pad_right(sequences: list[list[int]], pad_value: int):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids, mask
+
+
+MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth a forward pass of its own
+
+
+def common_prefix_length(sequences) -> int:
+    """Length of the longest prefix every sequence starts with."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return n

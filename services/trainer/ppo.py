@@ -64,6 +64,7 @@ from rlhf.core.client import RetryPolicy, call_with_retry
 from rlhf.core.errors import Unavailable
 from rlhf.core.models import load_causal_lm, load_tokenizer, position_ids_from_mask, set_torch_threads
 from rlhf.trainer.config import PPOConfig
+from rlhf.trainer.data import MIN_SHARED_PREFIX, common_prefix_length
 from rlhf.trainer.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -155,16 +156,6 @@ class Rollout:
         return self.input_ids.shape[1] - self.responses.shape[1]
 
 
-def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest prefix every sequence starts with."""
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for i in range(n):
-        if any(s[i] != first[i] for s in sequences):
-            return i
-    return n
-
-
 def build_rollout(
     prompts: Sequence[Prompt],
     prompt_ids: Sequence[Sequence[int]],
@@ -232,9 +223,6 @@ class ForwardOut:
     logprobs: torch.Tensor  # (b, T)
     values: torch.Tensor | None  # (b, T)
     logits: torch.Tensor  # (b, T, V)
-
-
-MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a separate forward
 
 
 def backbone_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix_length: int = 0):
@@ -476,16 +464,12 @@ class PPOLearner:
                         out = first if first is not None else self._forward(rollout, rows)
                         first = None
                         if entropy is None:
-                            # the first micro-batch's forward, before any optimizer step (skip_first)
+                            # skip_first: the first update forward, before any optimizer step
                             with torch.no_grad():
-                                logits = out.logits.detach()
                                 entropy = masked_mean(
-                                    entropy_from_logits(logits, cfg.temperature), mask[rows]
+                                    entropy_from_logits(out.logits, cfg.temperature), mask[rows]
                                 )
-                                del logits
-                                mismatch = (out.logprobs.detach() - rollout.gen_logprobs[rows]).abs()[
-                                    mask[rows]
-                                ]
+                            mismatch = (out.logprobs.detach() - rollout.gen_logprobs[rows]).abs()[mask[rows]]
                         pg_loss, pg_stats = ppo_policy_loss(
                             out.logprobs, old_logprobs[rows], advantages[rows], mask[rows], cfg.cliprange
                         )

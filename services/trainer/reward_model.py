@@ -23,7 +23,6 @@ reward service uses for normalized scores.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import shutil
@@ -45,7 +44,14 @@ from rlhf.core.models import (
 )
 from rlhf.trainer import distributed
 from rlhf.trainer.config import RewardModelConfig
-from rlhf.trainer.data import encode_scored_text, load_comparisons, pad_right
+from rlhf.trainer.data import (
+    MIN_SHARED_PREFIX,
+    common_prefix_length,
+    encode_scored_text,
+    load_comparisons,
+    pad_right,
+    prompt_key,
+)
 from rlhf.trainer.job import TrainJob
 from rlhf.trainer.loop import (
     batch_indices,
@@ -85,17 +91,6 @@ def only_layers(model, layers: list[torch.nn.Module]) -> Iterator[None]:
         setattr(base, name, full)
 
 
-MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth a forward pass of its own
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for k in range(n):
-        if a[k] != b[k]:
-            return k
-    return n
-
-
 def shared_prefix_groups(
     sequences: list[list[int]], min_prefix: int = MIN_SHARED_PREFIX, max_group: int = 256
 ) -> tuple[list[tuple[int, list[int]]], list[int]]:
@@ -110,7 +105,7 @@ def shared_prefix_groups(
     """
     order = sorted(range(len(sequences)), key=lambda i: sequences[i])
     n = len(order)
-    lcp = [common_prefix_length(sequences[order[k]], sequences[order[k + 1]]) for k in range(n - 1)]
+    lcp = [common_prefix_length([sequences[order[k]], sequences[order[k + 1]]]) for k in range(n - 1)]
     best = [0] * (n + 1)  # best[j]: tokens saved over the first j sorted sequences
     start = list(range(n + 1))  # start[j]: where the last run of the best cut of the first j begins
     prefix = [0] * (n + 1)
@@ -336,12 +331,7 @@ def score_pairs(scorer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
 def prompt_groups(comparisons) -> list[int]:
     """A prompt id per comparison (equal prompts, equal ids; numbered in order of first appearance)."""
     ids: dict[str, int] = {}
-    return [
-        ids.setdefault(
-            c.prompt if isinstance(c.prompt, str) else json.dumps(c.prompt, sort_keys=True), len(ids)
-        )
-        for c in comparisons
-    ]
+    return [ids.setdefault(prompt_key(c.prompt), len(ids)) for c in comparisons]
 
 
 def freeze_lower_part(model, trainable_layers: int) -> int:

@@ -15,6 +15,21 @@ from rlhf.trainer.job import read_metrics
 from rlhf.trainer.reward_model import bradley_terry_loss_sum, run_reward_model
 
 
+def _rm_config(tmp_path, model, data_file, **fields) -> RewardModelConfig:
+    """A reward-model job on a tiny model and a JSONL file, in tmp_path/rm, without server or progress bar."""
+    return RewardModelConfig(
+        model=str(model),
+        data_file=str(data_file),
+        eval_fraction=0.25,
+        run_dir=str(tmp_path / "rm"),
+        serve=False,
+        metrics_port=-1,
+        progress=False,
+        torch_threads=1,
+        **fields,
+    )
+
+
 def test_bradley_terry_loss_values():
     chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
     expected = -torch.nn.functional.logsigmoid(torch.tensor(2.0)) + torch.log(torch.tensor(2.0))
@@ -25,20 +40,15 @@ def test_bradley_terry_loss_values():
 
 
 def test_reward_model_learns_a_known_preference(tmp_path, tiny_lm_path, preference_jsonl):
-    cfg = RewardModelConfig(
-        model=str(tiny_lm_path),
-        data_file=preference_jsonl,
-        eval_fraction=0.25,
-        run_dir=str(tmp_path / "rm"),
-        serve=False,
-        metrics_port=-1,
-        progress=False,
+    cfg = _rm_config(
+        tmp_path,
+        tiny_lm_path,
+        preference_jsonl,
         max_steps=40,
         batch_size=8,
         learning_rate=3e-3,
         eval_every=20,
         checkpoint_every=0,
-        torch_threads=1,
     )
     final = run_reward_model(cfg)
 
@@ -75,14 +85,10 @@ def test_top_layers_from_cached_features_learn_and_leave_the_rest_untouched(
     and head learn the preference, and the cached path scores exactly as the saved full model does."""
     from rlhf.core.models import init_reward_model_from_causal_lm
 
-    cfg = RewardModelConfig(
-        model=str(tiny_lm_path),
-        data_file=preference_jsonl,
-        eval_fraction=0.25,
-        run_dir=str(tmp_path / "rm"),
-        serve=False,
-        metrics_port=-1,
-        progress=False,
+    cfg = _rm_config(
+        tmp_path,
+        tiny_lm_path,
+        preference_jsonl,
         max_steps=40,
         batch_size=8,
         learning_rate=3e-3,
@@ -90,7 +96,6 @@ def test_top_layers_from_cached_features_learn_and_leave_the_rest_untouched(
         trainable_layers=1,
         eval_every=0,
         checkpoint_every=0,
-        torch_threads=1,
     )
     final = run_reward_model(cfg)
     assert read_metrics(tmp_path / "rm")[-1]["eval_accuracy"] >= 0.9
@@ -127,21 +132,16 @@ def test_a_stop_during_the_feature_pass_ends_the_job_there(
         return lower(self, *args, **kwargs)
 
     monkeypatch.setattr(rm.FeatureCache, "_lower", lower_then_sigterm)
-    cfg = RewardModelConfig(
-        model=str(tiny_lm_path),
-        data_file=preference_jsonl,
-        eval_fraction=0.25,
-        run_dir=str(tmp_path / "rm"),
-        serve=False,
-        metrics_port=-1,
-        progress=False,
+    cfg = _rm_config(
+        tmp_path,
+        tiny_lm_path,
+        preference_jsonl,
         max_steps=5,
         batch_size=8,
         eval_batch_size=2,
         trainable_layers=1,
         eval_every=0,
         checkpoint_every=0,
-        torch_threads=1,
     )
     with pytest.raises(JobStopped) as info:
         run_reward_model(cfg)
@@ -345,14 +345,10 @@ def test_group_by_prompt_is_a_flag_and_a_reward_model_learns_with_it(tmp_path, t
                 )
     data = tmp_path / "prefs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = RewardModelConfig(
-        model=str(tiny_lm_path),
-        data_file=str(data),
-        eval_fraction=0.25,
-        run_dir=str(tmp_path / "rm"),
-        serve=False,
-        metrics_port=-1,
-        progress=False,
+    cfg = _rm_config(
+        tmp_path,
+        tiny_lm_path,
+        data,
         max_steps=30,
         batch_size=8,
         learning_rate=3e-3,
@@ -361,7 +357,6 @@ def test_group_by_prompt_is_a_flag_and_a_reward_model_learns_with_it(tmp_path, t
         group_by_prompt=True,
         eval_every=0,
         checkpoint_every=15,
-        torch_threads=1,
     )
     groups = prompt_groups(load_comparisons(cfg).train)
     assert len(groups) > len(set(groups)) >= 2
