@@ -225,7 +225,15 @@ def drive_generation(target: str, tiny_lm_path) -> None:
             assert samples
         with pytest.raises(grpc.RpcError):
             client.generate([""], max_new_tokens=100000)
-        client.update_weights(version=1, checkpoint_path=str(tiny_lm_path))
+        # the PPO job pushes its own versions to this service concurrently: push past whatever it serves now
+        for attempt in range(5):
+            version = int(client.model_info().version or 0) + 1
+            try:
+                assert client.update_weights(version=version, checkpoint_path=str(tiny_lm_path)) == version
+                break
+            except grpc.RpcError as exc:  # the trainer pushed the same version first
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION or attempt == 4:
+                    raise
         # over capacity (max_queue 1): while a long request runs, a 2-sample one is turned away
         errors = []
 
