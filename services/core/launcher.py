@@ -162,5 +162,14 @@ def _tail(path: Path, lines: int = 30) -> str:
         return ""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM turned into a KeyboardInterrupt inside a Launcher, so the services are stopped on the way out;
+    ``signum`` gives the caller its exit status (128 + signum, as a killed process would have)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
 def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Interrupted(signum)

@@ -46,9 +46,17 @@ class DemoConfig(BaseConfig):
 
 
 def _run(cfg: DemoConfig) -> int:
-    from rlhf.demo.pipeline import run_demo
+    from rlhf.demo.pipeline import DemoInterrupted, run_demo
 
-    outcome = run_demo(cfg)
+    try:
+        outcome = run_demo(cfg)
+    except DemoInterrupted as exc:
+        print(
+            f"\nRLHF demo stopped during the {exc.stage or 'setup'} stage ({exc.reason}). The services it started "
+            f"are stopped; what the finished stages wrote is in {exc.run_dir}",
+            file=sys.stderr,
+        )
+        return exc.exit_code
     print(outcome.summary_text(), file=sys.stdout)
     return 0
 

@@ -278,6 +278,11 @@ class StageClock:
                 flush=True,
             )
 
+    @property
+    def current(self) -> str | None:
+        """The stage under way (None between stages)."""
+        return self._current
+
     def end(self) -> float:
         seconds = time.monotonic() - self._t0
         if self._current is not None:
@@ -470,18 +475,45 @@ def base_model_path(cfg, preset: Preset, run_dir: Path) -> Path:
     return resolve_model_path("default")
 
 
+class DemoInterrupted(Exception):
+    """The demo stopped before its report: Ctrl-C, SIGTERM or a trainer job's Stop. Raised after the services
+    were stopped; ``exit_code`` is 128 + the signal number (as a killed process would have) or the stopped
+    job's exit code."""
+
+    def __init__(self, run_dir: Path, stage: str | None, reason: str, exit_code: int):
+        super().__init__(f"the demo stopped during the {stage or 'setup'} stage ({reason})")
+        self.run_dir, self.stage, self.reason, self.exit_code = run_dir, stage, reason, exit_code
+
+
 def run_demo(cfg) -> DemoOutcome:
-    """Run the whole demo described by ``cfg`` (a DemoConfig); returns where everything was written."""
-    from rlhf.core.launcher import Launcher
-    from rlhf.core.models import set_torch_threads
+    """Run the whole demo described by ``cfg`` (a DemoConfig); returns where everything was written.
+    Raises :class:`DemoInterrupted` (after stopping the services) when it is stopped before the end."""
+    import signal
+
+    from rlhf.core.launcher import Interrupted
+    from rlhf.trainer.job import JobStopped
 
     preset = resolve_preset(cfg)
-    set_torch_threads(cfg.torch_threads)
-    os.environ.update({k: v for k, v in _threads_env(cfg.torch_threads).items() if k != "RLHF_TORCH_THREADS"})
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.run_dir or Path("runs") / f"demo-{stamp}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     clock = StageClock(preset.stage_estimates, enabled=cfg.progress)
+    try:
+        return _run_stages(cfg, preset, run_dir, clock, stamp)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        raise DemoInterrupted(run_dir, clock.current, name, 128 + signum) from exc
+    except JobStopped as exc:
+        raise DemoInterrupted(run_dir, clock.current, f"trainer job stopped: {exc}", exc.exit_code) from exc
+
+
+def _run_stages(cfg, preset: Preset, run_dir: Path, clock: StageClock, stamp: str) -> DemoOutcome:
+    from rlhf.core.launcher import Launcher
+    from rlhf.core.models import set_torch_threads
+
+    set_torch_threads(cfg.torch_threads)
+    os.environ.update({k: v for k, v in _threads_env(cfg.torch_threads).items() if k != "RLHF_TORCH_THREADS"})
     progress = cfg.progress
     rng = random.Random(cfg.seed)
     pool = default_pool(seed=cfg.seed)
