@@ -42,6 +42,13 @@ class DemoConfig(BaseConfig):
         0, ge=0, description="Prompts whose SFT samples are rated (0 = the preset's)."
     )
     eval_prompts: int = Field(0, ge=0, description="Held-out prompts to evaluate on (0 = the preset's).")
+    eval_samples: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="Samples per eval prompt and policy (0 = the preset's); the win rate meets every PPO sample "
+        "with every SFT sample of its prompt.",
+    )
     progress: bool = Field(True, description="Progress bars and per-stage ETA on stderr.")
 
 

@@ -49,24 +49,47 @@ def bootstrap_mean_ci(
     return m, _percentile(boots, alpha), _percentile(boots, 1.0 - alpha)
 
 
-def _win_values(a: Sequence[float], b: Sequence[float]) -> list[float]:
+def group_means(values: Sequence[float], group: int = 1) -> list[float]:
+    """Means of consecutive runs of ``group`` values (the samples of one prompt): the units a bootstrap
+    resamples, since samples of one prompt are not independent of each other."""
+    if group < 1 or len(values) % group:
+        raise ValueError(f"{len(values)} values do not split into groups of {group}")
+    return [mean(values[i : i + group]) for i in range(0, len(values), group)]
+
+
+def _win_values(a: Sequence[float], b: Sequence[float], group: int = 1) -> list[float]:
+    """Per prompt: the share of (a sample, b sample) pairs of that prompt that a wins (ties one half); ``a``
+    and ``b`` hold ``group`` consecutive samples per prompt, and every a sample meets every b sample."""
     if len(a) != len(b):
         raise ValueError(f"paired scores differ in length: {len(a)} vs {len(b)}")
     if not a:
         raise ValueError("win rate of no pairs")
-    return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)]
+    if group < 1 or len(a) % group:
+        raise ValueError(f"{len(a)} scores do not split into groups of {group}")
+    out = []
+    for start in range(0, len(a), group):
+        xs, ys = a[start : start + group], b[start : start + group]
+        out.append(mean([1.0 if x > y else 0.5 if x == y else 0.0 for x in xs for y in ys]))
+    return out
 
 
-def win_rate(a: Sequence[float], b: Sequence[float]) -> float:
-    """Share of pairs (a[i], b[i]) where a wins; ties count one half."""
-    return mean(_win_values(a, b))
+def win_rate(a: Sequence[float], b: Sequence[float], group: int = 1) -> float:
+    """Share of pairs where a wins, ties counting one half: (a[i], b[i]) with ``group`` 1; with ``group`` k
+    samples per prompt, every a sample against every b sample of the same prompt, each prompt weighing the same."""
+    return mean(_win_values(a, b, group))
 
 
 def win_rate_ci(
-    a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    group: int = 1,
+    n_boot: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 0,
 ) -> tuple[float, float, float]:
-    """(win rate of a over b, low, high) with a paired bootstrap over the pairs."""
-    return bootstrap_mean_ci(_win_values(a, b), n_boot=n_boot, confidence=confidence, seed=seed)
+    """(win rate of a over b, low, high) with a paired bootstrap over the prompts (see :func:`win_rate`)."""
+    return bootstrap_mean_ci(_win_values(a, b, group), n_boot=n_boot, confidence=confidence, seed=seed)
 
 
 def kl_per_response(
@@ -173,12 +196,15 @@ def summarize(
     kl: Sequence[float] | None = None,
     rm_scores: Sequence[float] | None = None,
     seed: int = 0,
+    group: int = 1,
 ) -> PolicyEval:
-    """A :class:`PolicyEval` with its summary numbers (gold mean and 95% CI, lengths, distinct-n, KL)."""
-    g_mean, g_lo, g_hi = bootstrap_mean_ci(gold, seed=seed)
+    """A :class:`PolicyEval` with its summary numbers (gold mean and 95% CI, lengths, distinct-n, KL). With
+    ``group`` consecutive samples per prompt the CIs resample prompts (the means are over all samples)."""
+    g_mean, g_lo, g_hi = bootstrap_mean_ci(group_means(gold, group), seed=seed)
     words = [word_count(t) for t in texts]
     summary = {
         "n": len(texts),
+        "samples_per_prompt": group,
         "gold_mean": g_mean,
         "gold_ci_low": g_lo,
         "gold_ci_high": g_hi,
@@ -190,7 +216,7 @@ def summarize(
         "distinct_3": distinct_n(texts, 3),
     }
     if kl is not None:
-        k_mean, k_lo, k_hi = bootstrap_mean_ci(kl, seed=seed)
+        k_mean, k_lo, k_hi = bootstrap_mean_ci(group_means(kl, group), seed=seed)
         summary.update(kl_mean=k_mean, kl_ci_low=k_lo, kl_ci_high=k_hi)
     if rm_scores is not None:
         summary["rm_mean"] = mean(list(rm_scores))

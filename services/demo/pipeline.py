@@ -89,6 +89,9 @@ class Preset:
     ppo_mini_batches: int
     # evaluation
     eval_prompts: int  # 0 = every eval prompt
+    eval_samples: (
+        int  # samples per eval prompt and policy; the win rate meets every PPO with every SFT sample
+    )
     generation_batch: int  # sequences in flight to the generation service (it batches them)
     max_length: int
     stage_estimates: dict = field(default_factory=dict)
@@ -127,6 +130,7 @@ PRESETS: dict[str, Preset] = {
         ppo_epochs=2,
         ppo_mini_batches=2,
         eval_prompts=0,
+        eval_samples=2,
         generation_batch=64,
         max_length=256,
         stage_estimates={
@@ -172,6 +176,7 @@ PRESETS: dict[str, Preset] = {
         ppo_epochs=1,
         ppo_mini_batches=1,
         eval_prompts=12,
+        eval_samples=1,
         generation_batch=64,
         max_length=160,
         stage_estimates={
@@ -217,6 +222,7 @@ PRESETS: dict[str, Preset] = {
         ppo_epochs=1,
         ppo_mini_batches=1,
         eval_prompts=16,
+        eval_samples=2,
         generation_batch=32,
         max_length=128,
         stage_estimates={
@@ -432,6 +438,7 @@ def resolve_preset(cfg) -> Preset:
         "comparison_prompts",
         "rating_prompts",
         "eval_prompts",
+        "eval_samples",
     )
     overrides = {name: getattr(cfg, name) for name in names if getattr(cfg, name, 0)}
     if not overrides:
@@ -442,6 +449,7 @@ def resolve_preset(cfg) -> Preset:
     drivers = {"ppo": ("ppo_iterations", "ppo_rollouts"), "demonstrations": ("demo_prompts",)}
     drivers["sft"] = drivers["demonstrations"]
     drivers["comparisons"] = drivers["reward_model"] = ("comparison_prompts",)
+    drivers["evaluation"] = ("eval_samples",)
     for stage, fields in drivers.items():
         for name in fields:
             before, after = getattr(preset, name), getattr(resolved, name)
@@ -936,14 +944,17 @@ def evaluate_policies(
     reference: Path,
     progress: bool,
 ) -> dict:
-    """One sample per eval prompt from each policy (loaded into the generation service in turn); gold, RM
-    scores, lengths, distinct-n; KL to the reference (SFT) model per response, from token logprobs."""
+    """``preset.eval_samples`` samples per eval prompt from each policy (loaded into the generation service in
+    turn); gold, RM scores, lengths, distinct-n; KL to the reference (SFT) model per response, from token
+    logprobs. Samples are kept prompt-major (the k samples of prompt i at i*k ... i*k+k-1)."""
     from rlhf.core.chat import encode_prompt
     from rlhf.core.models import load_causal_lm, load_tokenizer
 
+    k = preset.eval_samples
     tokenizer = load_tokenizer(reference)
     ref_model = load_causal_lm(reference)
-    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
+    prompt_ids = [ids for p in prompts for ids in [encode_prompt(tokenizer, p)] * k]
+    sample_prompts = [p for p in prompts for _ in range(k)]
     evals: dict[str, ev.PolicyEval] = {}
     version = int(policy.model_info().version or 0)
     # PPO's weights are the ones being served now: evaluate it first, then load the others.
@@ -952,11 +963,11 @@ def evaluate_policies(
             version += 1
             version = policy.update_weights(version=version, checkpoint_path=str(models[name]))
         samples = [
-            g[0]
+            sample
             for g in generate(
                 policy,
                 prompts,
-                n=1,
+                n=k,
                 max_new_tokens=preset.max_new_tokens,
                 temperature=preset.temperature,
                 seed=cfg.seed * 1000 + 7,
@@ -964,10 +975,11 @@ def evaluate_policies(
                 desc=f"eval {name}",
                 progress=progress,
             )
+            for sample in g
         ]
         texts = [s.text for s in samples]
         gold = [gold_score(s.text, finished=s.finished) for s in samples]
-        rm_scores = rm_client.score(list(zip(prompts, texts, strict=True)))
+        rm_scores = rm_client.score(list(zip(sample_prompts, texts, strict=True)))
         kl = None
         if name != "SFT":
             ref_lp = ev.reference_logprobs(
@@ -987,15 +999,26 @@ def evaluate_policies(
             kl=kl,
             rm_scores=rm_scores,
             seed=cfg.seed,
+            group=k,
         )
     ordered = {n: evals[n] for n in ("base", "SFT", "PPO") if n in evals}
-    win, lo, hi = ev.win_rate_ci(ordered["PPO"].gold, ordered["SFT"].gold, seed=cfg.seed)
-    sft_win, sft_lo, sft_hi = ev.win_rate_ci(ordered["SFT"].gold, ordered["base"].gold, seed=cfg.seed)
+    win, lo, hi = ev.win_rate_ci(ordered["PPO"].gold, ordered["SFT"].gold, group=k, seed=cfg.seed)
+    sft_win, sft_lo, sft_hi = ev.win_rate_ci(
+        ordered["SFT"].gold, ordered["base"].gold, group=k, seed=cfg.seed
+    )
     all_gold = [g for e in ordered.values() for g in e.gold]
     all_rm = [r for e in ordered.values() for r in (e.rm_scores or [])]
     return {
         "evals": {n: e.to_dict() for n, e in ordered.items()},
-        "win_rate": {"name": "PPO over SFT by gold", "rate": win, "low": lo, "high": hi, "n": len(prompts)},
+        "eval_samples": k,
+        "win_rate": {
+            "name": "PPO over SFT by gold",
+            "rate": win,
+            "low": lo,
+            "high": hi,
+            "n": len(prompts),
+            "samples_per_prompt": k,
+        },
         "sft_win_rate": {"name": "SFT over base by gold", "rate": sft_win, "low": sft_lo, "high": sft_hi},
         "rm_vs_gold": {"spearman": ev.spearman(all_gold, all_rm), "pearson": ev.pearson(all_gold, all_rm)},
     }

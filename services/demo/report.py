@@ -234,7 +234,13 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     if win:
         lines += [
             f"**{win['name']}**: {win['rate']:.1%} (95% CI {win['low']:.1%} – {win['high']:.1%}) of "
-            f"{win.get('n', '?')} prompts, ties counting one half.",
+            f"{win.get('n', '?')} prompts"
+            + (
+                f" ({k} samples per prompt and policy: every PPO sample against every SFT sample of its prompt)"
+                if (k := int(win.get("samples_per_prompt", 1))) > 1
+                else ""
+            )
+            + ", ties counting one half.",
             "",
         ]
     rm = results.get("reward_model")
@@ -294,13 +300,14 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     names = list(evals)
     if prompts and len(names) >= 2:
         left, right = ("SFT", "PPO") if {"SFT", "PPO"} <= set(names) else (names[-2], names[-1])
+        k = int(results.get("eval_samples", 1))  # samples are prompt-major: the first of each prompt
         lines += [
             f"## Sample replies: {left} vs {right}",
             "",
             sample_table(
                 prompts,
-                (left, evals[left]["texts"], evals[left]["gold"]),
-                (right, evals[right]["texts"], evals[right]["gold"]),
+                (left, evals[left]["texts"][::k], evals[left]["gold"][::k]),
+                (right, evals[right]["texts"][::k], evals[right]["gold"][::k]),
                 n=int(results.get("sample_rows", 10)),
             ),
             "",

@@ -56,11 +56,13 @@ def check_run(run_dir: Path, proc: subprocess.CompletedProcess) -> dict:
         assert (run_dir / png).read_bytes()[:8] == PNG_MAGIC
         assert png in text
     assert set(results["evals"]) == {"base", "SFT", "PPO"}
-    n = len(results["eval_prompts"])
+    k = results["eval_samples"]  # samples per eval prompt and policy
+    n = len(results["eval_prompts"]) * k
     for e in results["evals"].values():
         assert len(e["gold"]) == len(e["texts"]) == n
         assert all(-2.0 <= g <= 1.0 for g in e["gold"])
     assert 0.0 <= results["win_rate"]["rate"] <= 1.0
+    assert results["win_rate"]["n"] == len(results["eval_prompts"])
     assert len(results["evals"]["PPO"]["kl"]) == n
     rm = results["reward_model"]
     assert rm["eval_comparisons"] > 0 and 0.5 <= rm["bayes_optimal_accuracy"] <= 1.0

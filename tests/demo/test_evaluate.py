@@ -9,6 +9,7 @@ import pytest
 from rlhf.demo.evaluate import (
     bootstrap_mean_ci,
     distinct_n,
+    group_means,
     kl_per_response,
     pearson,
     reference_logprobs,
@@ -39,6 +40,29 @@ def test_win_rate_counts_ties_as_half():
     assert rate == lo == hi == 1.0
     with pytest.raises(ValueError):
         win_rate([1.0], [1.0, 2.0])
+
+
+def test_win_rate_with_several_samples_meets_every_sample_of_the_prompt():
+    # prompt 0: a=[3, 1] vs b=[2, 2] -> 3>2 twice, 1<2 twice: 0.5; prompt 1: a=[5, 5] vs b=[5, 0] -> 0.5+1+0.5+1: 0.75
+    a, b = [3, 1, 5, 5], [2, 2, 5, 0]
+    assert win_rate(a, b, group=2) == pytest.approx((0.5 + 0.75) / 2)
+    # pairing index by index instead would give (1 + 0 + 0.5 + 1) / 4
+    assert win_rate(a, b) == pytest.approx(2.5 / 4)
+    rate, lo, hi = win_rate_ci(a, b, group=2)
+    assert rate == pytest.approx(0.625) and lo >= 0.5 and hi <= 0.75  # resamples the two prompts' shares
+    with pytest.raises(ValueError):
+        win_rate([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], group=2)
+
+
+def test_gold_interval_resamples_prompts_not_samples():
+    # two samples per prompt, identical within a prompt: the prompt-level interval equals the one of the means
+    gold = [0.0, 0.0, 1.0, 1.0, 0.5, 0.5, 0.2, 0.2]
+    grouped = summarize("p", ["x"] * 8, gold, [1] * 8, [True] * 8, group=2).summary
+    means = bootstrap_mean_ci([0.0, 1.0, 0.5, 0.2])
+    assert grouped["gold_mean"] == pytest.approx(means[0])
+    assert (grouped["gold_ci_low"], grouped["gold_ci_high"]) == pytest.approx(means[1:])
+    assert grouped["samples_per_prompt"] == 2
+    assert group_means([1.0, 3.0, 5.0, 7.0], 2) == [2.0, 6.0]
 
 
 def test_kl_per_response_sums_token_differences():
