@@ -27,6 +27,8 @@ CURVE_PANELS: list[tuple[str, tuple[str, ...]]] = [
     ("response length (tokens)", ("response_length", "response_length_mean", "rlhf_ppo_response_length")),
 ]
 X_KEYS = ("iteration", "step", "update")
+# panels left out when their value never changes: a fixed KL coefficient is a setting, not a curve
+HIDDEN_WHEN_CONSTANT = {"KL coefficient"}
 
 
 def _plt():
@@ -77,7 +79,8 @@ def curve_series(rows: Sequence[dict]) -> dict[str, tuple[str, list[float], list
                 xs.append(x if x is not None else float(index))
                 ys.append(y)
             if ys:
-                out[title] = (key, xs, ys)
+                if not (title in HIDDEN_WHEN_CONSTANT and len(set(ys)) == 1):
+                    out[title] = (key, xs, ys)
                 break
     return out
 

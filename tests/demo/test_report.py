@@ -77,6 +77,11 @@ def test_curve_series_picks_known_keys_against_the_iteration():
     assert series["reward (RM score, mean)"] == ("reward_mean", [1.0, 2.0], [0.5, 0.7])
     assert series["KL(policy || SFT) per response"] == ("kl", [1.0], [0.1])
     assert "entropy per token" not in series
+    # a fixed KL coefficient is no curve; an adapted one is
+    fixed = [{"step": i, "kl_coef": 0.05} for i in range(3)]
+    assert "KL coefficient" not in curve_series(fixed)
+    adapted = [{"step": i, "kl_coef": 0.05 * (1 + i / 10)} for i in range(3)]
+    assert curve_series(adapted)["KL coefficient"][0] == "kl_coef"
 
 
 def test_report_writes_pngs_and_markdown_with_the_numbers(tmp_path):
