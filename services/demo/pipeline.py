@@ -92,9 +92,7 @@ class Preset:
     ppo_mini_batches: int
     # evaluation
     eval_prompts: int  # 0 = every eval prompt
-    eval_samples: (
-        int  # samples per eval prompt and policy; the win rate meets every PPO with every SFT sample
-    )
+    eval_samples: int  # per eval prompt and policy; the win rate meets every PPO with every SFT sample
     generation_batch: int  # sequences in flight to the generation service (it batches them)
     max_length: int
     stage_estimates: dict = field(default_factory=dict)
