@@ -563,41 +563,63 @@ class PolicySync:
         self.max_batch_size = int(info.max_batch_size) or self.max_batch_size
         return int(info.version or 0)
 
-    def push(self, model: nn.Module) -> int:
-        """Push the current weights unless the service already serves them; returns the served version."""
+    def push(self, model: nn.Module, attempts: int = 3) -> int:
+        """Push the current weights unless the service already serves them; returns the served version.
+
+        Versions only move forward: when the service serves a version >= ours (a resumed run, or another pusher
+        got there first, between our read and our push) the weights go out under the next free number."""
         current = self.service_version()
         if self.served == self.version and current == self.version:
             return self.version
-        if current >= self.version:  # e.g. resumed after the killed run had pushed further: renumber
-            self.version = current + 1
         state = policy_state_dict(model)
-        if self.push_dir is not None:
-            self.push_dir.mkdir(parents=True, exist_ok=True)
-            path = self.push_dir / f"policy-v{self.version}.safetensors"
-            tmp = path.with_name(path.name + ".tmp")
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp))
-            tmp.replace(path)
-            served = call_with_retry(
-                lambda: self.client.update_weights(version=self.version, checkpoint_path=str(path)),
-                self.client.retry,
-                "PolicyService.UpdateWeights",
-            )
-            self._pushed_files.append(path)
-            for old in self._pushed_files[:-1]:  # keep the newest file: a restarted service may need it
-                old.unlink(missing_ok=True)
-            self._pushed_files = self._pushed_files[-1:]
-        else:
-            served = call_with_retry(
-                lambda: self.client.update_weights(version=self.version, state_dict=state),
-                self.client.retry,
-                "PolicyService.UpdateWeights",
-            )
+        for attempt in range(attempts):
+            if current >= self.version:  # e.g. resumed after the killed run had pushed further: renumber
+                self.version = current + 1
+            try:
+                served = self._send(state)
+                break
+            except grpc.RpcError as exc:
+                if not _is_code(exc, grpc.StatusCode.FAILED_PRECONDITION) or attempt == attempts - 1:
+                    raise
+                current = self.service_version()
+                if current < self.version:  # refused for another reason (e.g. a backend without updates)
+                    raise
+                log.warning(
+                    "generation service moved to version %d while version %d was on its way: pushing as %d",
+                    current,
+                    self.version,
+                    current + 1,
+                )
         if int(served) != self.version:
             raise RuntimeError(f"generation service serves version {served} after pushing {self.version}")
         self.served = self.version
         return self.version
+
+    def _send(self, state: dict) -> int:
+        """One UpdateWeights of ``state`` as ``self.version`` (by file path when push_dir is set)."""
+        if self.push_dir is None:
+            return call_with_retry(
+                lambda: self.client.update_weights(version=self.version, state_dict=state),
+                self.client.retry,
+                "PolicyService.UpdateWeights",
+            )
+        from safetensors.torch import save_file
+
+        self.push_dir.mkdir(parents=True, exist_ok=True)
+        path = self.push_dir / f"policy-v{self.version}.safetensors"
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(path)
+        self._pushed_files.append(path)
+        served = call_with_retry(
+            lambda: self.client.update_weights(version=self.version, checkpoint_path=str(path)),
+            self.client.retry,
+            "PolicyService.UpdateWeights",
+        )
+        for old in self._pushed_files[:-1]:  # keep the newest file: a restarted service may need it
+            old.unlink(missing_ok=True)
+        self._pushed_files = self._pushed_files[-1:]
+        return served
 
     def close(self) -> None:
         if self.push_dir is not None:

@@ -170,6 +170,48 @@ def test_fused_single_minibatch_update_learns_too(services, tiny_lm_path, prompt
     assert max(r["logprob_mismatch_max"] for r in rows) < 1e-3
 
 
+@pytest.mark.parametrize("by_path", [True, False])
+def test_a_push_that_loses_a_race_to_another_pusher_goes_out_under_the_next_version(
+    services, tiny_lm_path, tmp_path, by_path
+):
+    """Between the trainer's version read and its UpdateWeights, someone else pushes that same version: the
+    service refuses ours (FAILED_PRECONDITION); the trainer renumbers and pushes again instead of failing."""
+    from rlhf.core.models import load_causal_lm
+    from rlhf.generation.client import PolicyClient
+    from rlhf.trainer.ppo import PolicySync
+
+    class RacedClient:
+        """The real client, except that someone else's push lands first, once."""
+
+        def __init__(self, client):
+            self.client, self.raced = client, False
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+        def update_weights(self, *, version, **kwargs):
+            if not self.raced:
+                self.raced = True
+                self.client.update_weights(version=version, checkpoint_path=str(tiny_lm_path))
+            return self.client.update_weights(version=version, **kwargs)
+
+    model = load_causal_lm(tiny_lm_path)
+    with PolicyClient(services.services["generation"].target, timeout=60) as client:
+        raced = RacedClient(client)
+        sync = PolicySync(raced, str(tmp_path / "push") if by_path else "", "race")
+        try:
+            before = generation_version(services)
+            served = sync.push(model)
+            assert raced.raced
+            assert served == sync.version == before + 2  # the other pusher took before + 1
+            assert generation_version(services) == served
+            assert sync.push(model) == served  # already serving ours: nothing to push
+            if by_path:  # only the newest pushed file is kept
+                assert [p.name for p in sync.push_dir.iterdir()] == [f"policy-v{served}.safetensors"]
+        finally:
+            sync.close()
+
+
 def _restart(launcher: Launcher, name: str) -> None:
     """Stop a service and start it again on the same port (a pod restart behind the same address)."""
     old = launcher.services[name]
