@@ -21,7 +21,7 @@ class DemoConfig(BaseConfig):
 
     preset: Literal["default", "quick", "tiny"] = Field(
         "default",
-        description="'default': SmolLM2-135M-Instruct, about 22 minutes on 2 free cores; 'quick': SmolLM2 with "
+        description="'default': SmolLM2-135M-Instruct, about 23 minutes on 2 free cores; 'quick': SmolLM2 with "
         "a few PPO iterations (a smoke run, minutes); 'tiny': a tiny random model that runs the same flow in "
         "under 2 minutes (tests).",
     )
