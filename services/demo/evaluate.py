@@ -49,12 +49,17 @@ def bootstrap_mean_ci(
     return m, _percentile(boots, alpha), _percentile(boots, 1.0 - alpha)
 
 
+def _groups(values: Sequence[float], group: int) -> list[Sequence[float]]:
+    """Consecutive runs of ``group`` values (the samples of one prompt)."""
+    if group < 1 or len(values) % group:
+        raise ValueError(f"{len(values)} values do not split into groups of {group}")
+    return [values[i : i + group] for i in range(0, len(values), group)]
+
+
 def group_means(values: Sequence[float], group: int = 1) -> list[float]:
     """Means of consecutive runs of ``group`` values (the samples of one prompt): the units a bootstrap
     resamples, since samples of one prompt are not independent of each other."""
-    if group < 1 or len(values) % group:
-        raise ValueError(f"{len(values)} values do not split into groups of {group}")
-    return [mean(values[i : i + group]) for i in range(0, len(values), group)]
+    return [mean(g) for g in _groups(values, group)]
 
 
 def _win_values(a: Sequence[float], b: Sequence[float], group: int = 1) -> list[float]:
@@ -64,13 +69,10 @@ def _win_values(a: Sequence[float], b: Sequence[float], group: int = 1) -> list[
         raise ValueError(f"paired scores differ in length: {len(a)} vs {len(b)}")
     if not a:
         raise ValueError("win rate of no pairs")
-    if group < 1 or len(a) % group:
-        raise ValueError(f"{len(a)} scores do not split into groups of {group}")
-    out = []
-    for start in range(0, len(a), group):
-        xs, ys = a[start : start + group], b[start : start + group]
-        out.append(mean([1.0 if x > y else 0.5 if x == y else 0.0 for x in xs for y in ys]))
-    return out
+    return [
+        mean([1.0 if x > y else 0.5 if x == y else 0.0 for x in xs for y in ys])
+        for xs, ys in zip(_groups(a, group), _groups(b, group), strict=True)
+    ]
 
 
 def win_rate(a: Sequence[float], b: Sequence[float], group: int = 1) -> float:

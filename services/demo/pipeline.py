@@ -869,7 +869,7 @@ def train_ppo(
         learning_rate=preset.ppo_learning_rate,
         kl_coef=preset.ppo_kl_coef,
         adaptive_kl=preset.ppo_target_kl is not None,
-        target_kl=preset.ppo_target_kl or 6.0,
+        **({"target_kl": preset.ppo_target_kl} if preset.ppo_target_kl is not None else {}),
         advantage_estimator=preset.ppo_advantage,
         samples_per_prompt=preset.ppo_samples_per_prompt,
         num_ppo_epochs=preset.ppo_epochs,
