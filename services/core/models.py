@@ -37,6 +37,17 @@ CHATML_TEMPLATE = (
 )
 
 
+def common_prefix_length(sequences, own: int = 0) -> int:
+    """Length of the longest prefix every sequence starts with, leaving each sequence at least ``own`` tokens
+    after it (``own=1``: a shared-prefix forward still has a token of every row to run)."""
+    first = sequences[0]
+    limit = max(0, min(len(s) for s in sequences) - own)
+    for i in range(limit):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return limit
+
+
 def set_torch_threads(n: int | None = None) -> int:
     """Set torch's intra-op threads (``RLHF_TORCH_THREADS`` or 2 by default) and one inter-op thread."""
     if n is None or n <= 0:

@@ -19,6 +19,7 @@ import torch
 from rlhf.core import chat
 from rlhf.core.errors import InvalidArgument, require
 from rlhf.core.models import (
+    common_prefix_length,
     last_real_token_index,
     load_reward_model,
     load_tokenizer,
@@ -127,7 +128,7 @@ def _check_prefix_sharing(loaded: LoadedModel, prompt_ids: list[int], responses:
     try:
         with torch.inference_mode():
             shared = _score_with_shared_prefix(
-                loaded, rows, common_prefix_length(rows), next(loaded.model.parameters()).device
+                loaded, rows, common_prefix_length(rows, own=1), next(loaded.model.parameters()).device
             )
         ok = all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(shared, plain, strict=True))
         why = f"scores differ: {shared} vs {plain}"
@@ -254,15 +255,6 @@ def pad_batch(
     return ids, mask
 
 
-def common_prefix_length(sequences: list[list[int]]) -> int:
-    """Tokens every sequence starts with, leaving each at least one token of its own."""
-    first, limit = sequences[0], min(len(s) for s in sequences) - 1
-    n = 0
-    while n < limit and all(s[n] == first[n] for s in sequences):
-        n += 1
-    return n
-
-
 def score_sequences(
     loaded: LoadedModel, sequences: list[list[int]], padding_side: str = "right", min_shared_prefix: int = 0
 ) -> list[float]:
@@ -273,7 +265,7 @@ def score_sequences(
     every row, so the batch costs about ``prefix + sum(suffixes)`` tokens instead of ``sum(rows)``.
     """
     device = next(loaded.model.parameters()).device
-    shared = common_prefix_length(sequences) if len(sequences) > 1 and min_shared_prefix > 0 else 0
+    shared = common_prefix_length(sequences, own=1) if len(sequences) > 1 and min_shared_prefix > 0 else 0
     with torch.inference_mode():
         if shared >= min_shared_prefix > 0 and loaded.prefix_sharing:
             try:

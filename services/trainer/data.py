@@ -276,13 +276,3 @@ def pad_right(sequences: list[list[int]], pad_value: int):
 
 
 MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth a forward pass of its own
-
-
-def common_prefix_length(sequences) -> int:
-    """Length of the longest prefix every sequence starts with."""
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for i in range(n):
-        if any(s[i] != first[i] for s in sequences):
-            return i
-    return n

@@ -62,9 +62,15 @@ from torch import nn
 from rlhf.core import chat
 from rlhf.core.client import RetryPolicy, call_with_retry
 from rlhf.core.errors import Unavailable
-from rlhf.core.models import load_causal_lm, load_tokenizer, position_ids_from_mask, set_torch_threads
+from rlhf.core.models import (
+    common_prefix_length,
+    load_causal_lm,
+    load_tokenizer,
+    position_ids_from_mask,
+    set_torch_threads,
+)
 from rlhf.trainer.config import PPOConfig
-from rlhf.trainer.data import MIN_SHARED_PREFIX, common_prefix_length
+from rlhf.trainer.data import MIN_SHARED_PREFIX
 from rlhf.trainer.rl_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -183,7 +189,7 @@ def build_rollout(
     width_t = max(len(r) for r in response_ids)
     prefix = 0
     if share_prefix:
-        prefix = max(0, min(common_prefix_length(prompt_ids), min(len(p) for p in prompt_ids) - 1))
+        prefix = common_prefix_length(prompt_ids, own=1)
     input_ids = torch.full((batch, width_p + width_t), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((batch, width_p + width_t), dtype=torch.long)
     logprobs = torch.zeros((batch, width_t), dtype=torch.float32)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from rlhf.core.errors import FailedPrecondition
 from rlhf.core.models import (
+    common_prefix_length,
     init_reward_model_from_causal_lm,
     load_tokenizer,
     position_ids_from_mask,
@@ -46,7 +47,6 @@ from rlhf.trainer import distributed
 from rlhf.trainer.config import RewardModelConfig
 from rlhf.trainer.data import (
     MIN_SHARED_PREFIX,
-    common_prefix_length,
     encode_scored_text,
     load_comparisons,
     pad_right,

@@ -7,7 +7,7 @@ import torch
 
 from rlhf.core import chat
 from rlhf.core.errors import InvalidArgument
-from rlhf.core.models import reward_forward
+from rlhf.core.models import common_prefix_length, reward_forward
 from rlhf.reward import scoring
 from rlhf.reward.batcher import plan_batches
 from rlhf.reward.client import make_item
@@ -137,7 +137,7 @@ def test_shared_prefix_batches_equal_single_unpadded_forward(loaded):
     ]
     same_prompt = [sum(chat.tokenize_prompt_response(loaded.tokenizer, prompt, r), []) for r in responses]
     mixed = [sum(chat.tokenize_prompt_response(loaded.tokenizer, p, r), []) for p, r in PAIRS]
-    assert scoring.common_prefix_length(same_prompt) > 16 and scoring.common_prefix_length(mixed) >= 1
+    assert common_prefix_length(same_prompt, own=1) > 16 and common_prefix_length(mixed, own=1) >= 1
     for seqs in (same_prompt, mixed):
         shared = scoring.score_sequences(loaded, seqs, min_shared_prefix=1)
         for seq, score in zip(seqs, shared, strict=True):
@@ -145,6 +145,6 @@ def test_shared_prefix_batches_equal_single_unpadded_forward(loaded):
 
 
 def test_common_prefix_leaves_every_row_a_token():
-    assert scoring.common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
-    assert scoring.common_prefix_length([[1, 2], [1, 3]]) == 1
-    assert scoring.common_prefix_length([[5], [5, 6]]) == 0
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]], own=1) == 2
+    assert common_prefix_length([[1, 2], [1, 3]], own=1) == 1
+    assert common_prefix_length([[5], [5, 6]], own=1) == 0
