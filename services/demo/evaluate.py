@@ -94,6 +94,22 @@ def win_rate_ci(
     return bootstrap_mean_ci(_win_values(a, b, group), n_boot=n_boot, confidence=confidence, seed=seed)
 
 
+def win_rate_by(
+    a: Sequence[float], b: Sequence[float], b_labels: Sequence[str], group: int = 1
+) -> dict[str, dict]:
+    """The pairs of :func:`win_rate` split by a label of the b sample: {label: {"rate", "pairs"}}, the share
+    of that label's (a sample, b sample) pairs a wins (ties one half), pooled over prompts."""
+    if len(b_labels) != len(b):
+        raise ValueError(f"{len(b_labels)} labels for {len(b)} b scores")
+    if len(a) != len(b):
+        raise ValueError(f"paired scores differ in length: {len(a)} vs {len(b)}")
+    wins: dict[str, list[float]] = {}
+    for xs, ys, labels in zip(_groups(a, group), _groups(b, group), _groups(b_labels, group), strict=True):
+        for y, label in zip(ys, labels, strict=True):
+            wins.setdefault(label, []).extend(1.0 if x > y else 0.5 if x == y else 0.0 for x in xs)
+    return {label: {"rate": mean(v), "pairs": len(v)} for label, v in sorted(wins.items())}
+
+
 def kl_per_response(
     policy_logprobs: Sequence[Sequence[float]], reference_logprobs: Sequence[Sequence[float]]
 ) -> list[float]:

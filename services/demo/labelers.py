@@ -394,3 +394,64 @@ def gold_agreement_of_records(
     if total == 0:
         raise ValueError("no two-way comparisons")
     return agree / total
+
+
+PAIR_KINDS = ("both_finished", "one_cut_off", "both_cut_off")
+
+
+def pair_kind(record: feedback_pb2.Comparison) -> str:
+    """Which of :data:`PAIR_KINDS` a two-way comparison is: how many of its replies the length limit cut off
+    (the ``finished`` flags the demo stores in the record's metadata)."""
+    return PAIR_KINDS[2 - sum(_finished_flags(record, 2))]
+
+
+def scored_pair_accuracy(
+    comparisons: Sequence[feedback_pb2.Comparison],
+    scores: Sequence[tuple[float, float]],
+    labelers: dict[str, Labeler],
+    config: GoldConfig = GOLD,
+) -> dict:
+    """How a scorer (``scores[i]``: its scores of comparison i's two replies) does on stored two-way comparisons,
+    overall and per :func:`pair_kind`: ``accuracy`` on the labelers' choices (ties 1/2; ``hits`` holds the
+    per-comparison values), ``gold_pair_accuracy`` (agreement with the gold order, gold ties 1/2),
+    ``bayes_optimal_accuracy`` and ``label_gold_agreement`` on the same comparisons, and ``comparisons``.
+
+    The split shows where a reward model fails: a pair with one cut-off reply differs by the cut-off penalty
+    (easy to see), two replies of one prompt that both ran into the limit differ mostly by tone (hard)."""
+    if len(comparisons) != len(scores):
+        raise ValueError(f"{len(comparisons)} comparisons but {len(scores)} score pairs")
+    hits, agrees, kinds = [], [], []
+    for record, (s0, s1) in zip(comparisons, scores, strict=True):
+        if len(record.responses) != 2:
+            raise ValueError("scored_pair_accuracy needs two-way comparisons")
+        chosen, other = (s0, s1) if record.chosen_index == 0 else (s1, s0)
+        hits.append(1.0 if chosen > other else 0.5 if chosen == other else 0.0)
+        g0, g1 = (
+            gold_score(r.text, finished=f, config=config)
+            for r, f in zip(record.responses, _finished_flags(record, 2), strict=True)
+        )
+        agrees.append(0.5 if g0 == g1 or s0 == s1 else 1.0 if (s0 > s1) == (g0 > g1) else 0.0)
+        kinds.append(pair_kind(record))
+    if not hits:
+        raise ValueError("scored_pair_accuracy needs at least one comparison")
+
+    def summary(rows: list[int]) -> dict:
+        records = [comparisons[i] for i in rows]
+        try:
+            bayes = bayes_optimal_accuracy_of_records(records, labelers, config)[0]
+        except ValueError:  # none of them by a simulated Bradley-Terry comparer
+            bayes = None
+        return {
+            "comparisons": len(rows),
+            "accuracy": sum(hits[i] for i in rows) / len(rows),
+            "gold_pair_accuracy": sum(agrees[i] for i in rows) / len(rows),
+            "bayes_optimal_accuracy": bayes,
+            "label_gold_agreement": gold_agreement_of_records(records, config),
+        }
+
+    out = summary(list(range(len(hits))))
+    out["hits"] = hits
+    out["by_kind"] = {
+        kind: summary(rows) for kind in PAIR_KINDS if (rows := [i for i, k in enumerate(kinds) if k == kind])
+    }
+    return out

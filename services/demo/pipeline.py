@@ -34,13 +34,12 @@ from pathlib import Path
 from rlhf.demo import evaluate as ev
 from rlhf.demo.labelers import (
     Candidate,
-    bayes_optimal_accuracy_of_records,
     collect_comparisons,
     collect_demonstrations,
     collect_ratings,
     default_pool,
-    gold_agreement_of_records,
     register_labelers,
+    scored_pair_accuracy,
 )
 from rlhf.demo.task import gold_score, load_prompts, sample_finished
 
@@ -910,27 +909,17 @@ def reward_model_accuracy(store, rm_client, snapshot: str, pool, rm_path: Path) 
     distinct = list(dict.fromkeys(items))  # a reply is in several comparisons: scored once
     score_of = dict(zip(distinct, rm_client.score(distinct), strict=True))
     scores = [score_of[item] for item in items]
-    hits, gold_correct = [], 0.0
-    for i, c in enumerate(comparisons):
-        s0, s1 = scores[2 * i], scores[2 * i + 1]
-        chosen, other = (s0, s1) if c.chosen_index == 0 else (s1, s0)
-        hits.append(1.0 if chosen > other else 0.5 if chosen == other else 0.0)
-        flags = c.metadata.get("finished", "1,1").split(",")
-        g0 = gold_score(c.responses[0].text, finished=flags[0] == "1")
-        g1 = gold_score(c.responses[1].text, finished=flags[-1] == "1")
-        if g0 != g1:
-            gold_correct += 1.0 if (s0 > s1) == (g0 > g1) else 0.0
-        else:
-            gold_correct += 0.5
-    bayes, used = bayes_optimal_accuracy_of_records(comparisons, pool.by_id())
-    accuracy, low, high = ev.bootstrap_mean_ci(hits)
+    scored = scored_pair_accuracy(
+        comparisons, list(zip(scores[::2], scores[1::2], strict=True)), pool.by_id()
+    )
+    accuracy, low, high = ev.bootstrap_mean_ci(scored["hits"])
     out.update(
         eval_accuracy=accuracy,
         eval_accuracy_ci=[low, high],
-        bayes_optimal_accuracy=bayes,
-        bayes_comparisons=used,
-        label_gold_agreement=gold_agreement_of_records(comparisons),
-        gold_pair_accuracy=gold_correct / len(comparisons),
+        bayes_optimal_accuracy=scored["bayes_optimal_accuracy"],
+        label_gold_agreement=scored["label_gold_agreement"],
+        gold_pair_accuracy=scored["gold_pair_accuracy"],
+        by_pair_kind=scored["by_kind"],
     )
     return out
 
@@ -1020,6 +1009,14 @@ def evaluate_policies(
             "high": hi,
             "n": len(prompts),
             "samples_per_prompt": k,
+            # where the wins come from: against SFT replies that ended on their own vs. ones the length
+            # limit cut off (the cut-off penalty alone decides most of the latter)
+            "by_sft_reply": ev.win_rate_by(
+                ordered["PPO"].gold,
+                ordered["SFT"].gold,
+                ["finished" if f else "cut_off" for f in ordered["SFT"].finished],
+                group=k,
+            ),
         },
         "sft_win_rate": {"name": "SFT over base by gold", "rate": sft_win, "low": sft_lo, "high": sft_hi},
         "rm_vs_gold": {"spearman": ev.spearman(all_gold, all_rm), "pearson": ev.pearson(all_gold, all_rm)},

@@ -212,6 +212,28 @@ def _targets_table(targets: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+PAIR_KIND_NAMES = {
+    "both_finished": "both replies ended on their own",
+    "one_cut_off": "one reply cut off by the length limit",
+    "both_cut_off": "both replies cut off",
+}
+
+
+def _pair_kind_table(by_kind: dict[str, dict]) -> str:
+    """The RM's held-out accuracy per kind of comparison pair, beside what the labels allow."""
+    lines = [
+        "| held-out pairs | n | RM accuracy | Bayes-optimal | RM agrees with gold | labels agree with gold |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for kind, part in by_kind.items():
+        lines.append(
+            f"| {PAIR_KIND_NAMES.get(kind, kind)} | {part['comparisons']} | {_fmt(part['accuracy'])} | "
+            f"{_fmt(part.get('bayes_optimal_accuracy'))} | {_fmt(part.get('gold_pair_accuracy'))} | "
+            f"{_fmt(part.get('label_gold_agreement'))} |"
+        )
+    return "\n".join(lines)
+
+
 def write_report(run_dir: str | Path, results: dict) -> Path:
     """Write the plots and ``report.md`` into ``run_dir``; returns the report's path.
 
@@ -246,6 +268,18 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
             + ", ties counting one half.",
             "",
         ]
+        split = win.get("by_sft_reply") or {}
+        if split:
+            names = {"finished": "that ended on their own", "cut_off": "that the length limit cut off"}
+            lines += [
+                "By the SFT reply: "
+                + "; ".join(
+                    f"against SFT replies {names.get(label, label)} {part['rate']:.1%} of {part['pairs']} pairs"
+                    for label, part in split.items()
+                )
+                + ".",
+                "",
+            ]
     rm = results.get("reward_model")
     if rm:
         lines += [
@@ -283,6 +317,8 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
         if rm.get("spearman_vs_gold") is not None:
             lines.append(f"- Spearman(RM score, gold) on eval replies: {_fmt(rm['spearman_vs_gold'])}")
         lines.append("")
+        if rm.get("by_pair_kind"):
+            lines += [_pair_kind_table(rm["by_pair_kind"]), ""]
 
     metrics_rows = load_metrics(results["metrics_path"]) if results.get("metrics_path") else []
     plots = []

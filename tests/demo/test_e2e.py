@@ -66,6 +66,14 @@ def check_run(run_dir: Path, proc: subprocess.CompletedProcess) -> dict:
     assert len(results["evals"]["PPO"]["kl"]) == n
     rm = results["reward_model"]
     assert rm["eval_comparisons"] > 0 and 0.5 <= rm["bayes_optimal_accuracy"] <= 1.0
+    # the held-out comparisons split by how many replies were cut off, each part with its own Bayes optimum
+    kinds = rm["by_pair_kind"]
+    assert kinds and sum(part["comparisons"] for part in kinds.values()) == rm["eval_comparisons"]
+    assert all(0.5 <= part["bayes_optimal_accuracy"] <= 1.0 for part in kinds.values())
+    # the win rate split by the SFT reply: the pairs are all prompts' PPO x SFT sample pairs
+    split = results["win_rate"]["by_sft_reply"]
+    assert sum(part["pairs"] for part in split.values()) == len(results["eval_prompts"]) * k * k
+    assert "By the SFT reply" in text and "| held-out pairs |" in text
     # the trainers' metrics history feeds the PPO plot
     assert (run_dir / "ppo" / "metrics.jsonl").exists()
     # every service the demo started is gone

@@ -16,6 +16,7 @@ from rlhf.demo.evaluate import (
     spearman,
     summarize,
     win_rate,
+    win_rate_by,
     win_rate_ci,
 )
 
@@ -52,6 +53,17 @@ def test_win_rate_with_several_samples_meets_every_sample_of_the_prompt():
     assert rate == pytest.approx(0.625) and lo >= 0.5 and hi <= 0.75  # resamples the two prompts' shares
     with pytest.raises(ValueError):
         win_rate([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], group=2)
+
+
+def test_win_rate_by_splits_the_pairs_by_a_label_of_the_b_sample():
+    # prompt 0: a=[1, 0] vs b=[0.5 finished, 0.5 cut]; prompt 1: a=[2, 2] vs b=[3 finished, 1 cut]
+    a, b = [1, 0, 2, 2], [0.5, 0.5, 3, 1]
+    split = win_rate_by(a, b, ["finished", "cut", "finished", "cut"], group=2)
+    assert split == {"cut": {"rate": 0.75, "pairs": 4}, "finished": {"rate": 0.25, "pairs": 4}}
+    # with one label for all, the pooled pairs are the win rate's pairs (equal-sized prompts: same rate)
+    assert win_rate_by(a, b, ["x"] * 4, group=2)["x"]["rate"] == pytest.approx(win_rate(a, b, group=2))
+    with pytest.raises(ValueError):
+        win_rate_by(a, b, ["x"] * 3, group=2)
 
 
 def test_gold_interval_resamples_prompts_not_samples():

@@ -22,10 +22,13 @@ from rlhf.demo.labelers import (
     collect_ratings,
     default_pool,
     gold_agreement_of_records,
+    pair_kind,
     register_labelers,
+    scored_pair_accuracy,
 )
 from rlhf.demo.task import gold_score
 from rlhf.feedback import records as rec
+from rlhf.v1 import feedback_pb2
 
 GOOD = Candidate("What a wonderful little cafe, the staff were lovely and the cake was great!")
 OK = Candidate("The cafe is fine. The cake was okay.")
@@ -126,6 +129,59 @@ def test_bayes_optimal_accuracy_is_what_the_gold_oracle_achieves_on_simulated_la
     bayes = bayes_optimal_accuracy(items)
     assert 0.5 < bayes < 1.0
     assert oracle_hits / n == pytest.approx(bayes, abs=0.02)
+
+
+def _comparison(a: Candidate, b: Candidate, chosen: int, labeler: str) -> feedback_pb2.Comparison:
+    return feedback_pb2.Comparison(
+        prompt=rec.make_prompt("Review the cafe."),
+        responses=[feedback_pb2.Response(text=a.text), feedback_pb2.Response(text=b.text)],
+        chosen_index=chosen,
+        labeler_id=labeler,
+        metadata={"finished": f"{int(a.finished)},{int(b.finished)}"},
+    )
+
+
+def test_scored_pair_accuracy_overall_and_by_kind_of_pair():
+    pool = default_pool(seed=0)
+    labeler = pool.comparers[0].id
+    bad_cut = Candidate("A terrible cafe with rude staff and", finished=False)
+    records = [
+        _comparison(GOOD, BAD, 0, labeler),  # both finished, label agrees with gold
+        _comparison(OK, GOOD, 0, labeler),  # both finished, label disagrees with gold
+        _comparison(GOOD, CUT, 0, labeler),  # one cut off
+        _comparison(CUT, bad_cut, 1, labeler),  # both cut off, label disagrees with gold
+    ]
+    assert [pair_kind(r) for r in records] == [
+        "both_finished",
+        "both_finished",
+        "one_cut_off",
+        "both_cut_off",
+    ]
+    # a scorer that ranks by gold: right on gold every time, right on the labels where they follow gold
+    gold_scores = [(a.gold(), b.gold()) for a, b in [(GOOD, BAD), (OK, GOOD), (GOOD, CUT), (CUT, bad_cut)]]
+    oracle = scored_pair_accuracy(records, gold_scores, pool.by_id())
+    assert oracle["gold_pair_accuracy"] == 1.0
+    assert oracle["hits"] == [1.0, 0.0, 1.0, 0.0]
+    assert oracle["accuracy"] == 0.5 == oracle["label_gold_agreement"]
+    assert oracle["bayes_optimal_accuracy"] == pytest.approx(
+        bayes_optimal_accuracy_of_records(records, pool.by_id())[0]
+    )
+    kinds = oracle["by_kind"]
+    assert {k: v["comparisons"] for k, v in kinds.items()} == {
+        "both_finished": 2,
+        "one_cut_off": 1,
+        "both_cut_off": 1,
+    }
+    assert kinds["both_finished"]["accuracy"] == 0.5 and kinds["one_cut_off"]["accuracy"] == 1.0
+    assert kinds["both_cut_off"]["label_gold_agreement"] == 0.0
+    # a constant scorer ties everything: one half everywhere
+    flat = scored_pair_accuracy(records, [(0.3, 0.3)] * 4, pool.by_id())
+    assert flat["accuracy"] == flat["gold_pair_accuracy"] == 0.5
+    with pytest.raises(ValueError):
+        scored_pair_accuracy(records, gold_scores[:3], pool.by_id())
+    # comparisons by someone who is not a simulated comparer have no Bayes optimum, the rest is measured
+    human = scored_pair_accuracy([_comparison(GOOD, BAD, 0, "alice")], [(1.0, 0.0)], pool.by_id())
+    assert human["bayes_optimal_accuracy"] is None and human["accuracy"] == 1.0
 
 
 def test_rater_scores_on_the_1_to_7_scale_and_tracks_gold():

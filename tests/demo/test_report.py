@@ -49,8 +49,31 @@ def _results(tmp_path, with_metrics=True):
         "preset": "tiny",
         "evals": {"SFT": sft.to_dict(), "PPO": ppo.to_dict()},
         "eval_prompts": prompts,
-        "win_rate": {"name": "PPO over SFT", "rate": 1.0, "low": 1.0, "high": 1.0, "n": 2},
-        "reward_model": {"eval_accuracy": 0.71, "bayes_optimal_accuracy": 0.74, "label_gold_agreement": 0.73},
+        "win_rate": {
+            "name": "PPO over SFT",
+            "rate": 1.0,
+            "low": 1.0,
+            "high": 1.0,
+            "n": 2,
+            "by_sft_reply": {
+                "cut_off": {"rate": 0.875, "pairs": 8},
+                "finished": {"rate": 0.4375, "pairs": 16},
+            },
+        },
+        "reward_model": {
+            "eval_accuracy": 0.71,
+            "bayes_optimal_accuracy": 0.74,
+            "label_gold_agreement": 0.73,
+            "by_pair_kind": {
+                "one_cut_off": {
+                    "comparisons": 12,
+                    "accuracy": 0.625,
+                    "gold_pair_accuracy": 0.75,
+                    "bayes_optimal_accuracy": 0.8125,
+                    "label_gold_agreement": 0.6875,
+                }
+            },
+        },
         "targets": [{"name": "KL(PPO || SFT)", "wanted": "<= 10", "reached": "2.0", "met": True}],
         "checkpoints": {"SFT": str(tmp_path / "sft"), "PPO": str(tmp_path / "ppo")},
         "stage_seconds": {"sft": 1.0},
@@ -93,6 +116,9 @@ def test_report_writes_pngs_and_markdown_with_the_numbers(tmp_path):
     assert "+0.850" in text  # PPO gold mean
     assert "2.00 [" in text  # PPO KL mean
     assert "0.710" in text and "0.740" in text  # RM accuracy vs Bayes-optimal
+    assert "| one reply cut off by the length limit | 12 | 0.625 | 0.812 | 0.750 | 0.688 |" in text
+    assert "against SFT replies that ended on their own 43.8% of 16 pairs" in text
+    assert "against SFT replies that the length limit cut off 87.5% of 8 pairs" in text
     assert "100.0%" in text
     assert "Write a review \\| of a cafe." in text  # pipes escaped in the sample table
     assert str(tmp_path / "ppo") in text
