@@ -62,15 +62,24 @@ def group_means(values: Sequence[float], group: int = 1) -> list[float]:
     return [mean(g) for g in _groups(values, group)]
 
 
-def _win_values(a: Sequence[float], b: Sequence[float], group: int = 1) -> list[float]:
-    """Per prompt: the share of (a sample, b sample) pairs of that prompt that a wins (ties one half); ``a``
-    and ``b`` hold ``group`` consecutive samples per prompt, and every a sample meets every b sample."""
+def win(x: float, y: float) -> float:
+    """1 when x beats y, one half for a tie, 0 otherwise."""
+    return 1.0 if x > y else 0.5 if x == y else 0.0
+
+
+def _check_paired(a: Sequence[float], b: Sequence[float]) -> None:
     if len(a) != len(b):
         raise ValueError(f"paired scores differ in length: {len(a)} vs {len(b)}")
     if not a:
         raise ValueError("win rate of no pairs")
+
+
+def _win_values(a: Sequence[float], b: Sequence[float], group: int = 1) -> list[float]:
+    """Per prompt: the share of (a sample, b sample) pairs of that prompt that a wins (ties one half); ``a``
+    and ``b`` hold ``group`` consecutive samples per prompt, and every a sample meets every b sample."""
+    _check_paired(a, b)
     return [
-        mean([1.0 if x > y else 0.5 if x == y else 0.0 for x in xs for y in ys])
+        mean([win(x, y) for x in xs for y in ys])
         for xs, ys in zip(_groups(a, group), _groups(b, group), strict=True)
     ]
 
@@ -101,12 +110,11 @@ def win_rate_by(
     of that label's (a sample, b sample) pairs a wins (ties one half), pooled over prompts."""
     if len(b_labels) != len(b):
         raise ValueError(f"{len(b_labels)} labels for {len(b)} b scores")
-    if len(a) != len(b):
-        raise ValueError(f"paired scores differ in length: {len(a)} vs {len(b)}")
+    _check_paired(a, b)
     wins: dict[str, list[float]] = {}
     for xs, ys, labels in zip(_groups(a, group), _groups(b, group), _groups(b_labels, group), strict=True):
         for y, label in zip(ys, labels, strict=True):
-            wins.setdefault(label, []).extend(1.0 if x > y else 0.5 if x == y else 0.0 for x in xs)
+            wins.setdefault(label, []).extend(win(x, y) for x in xs)
     return {label: {"rate": mean(v), "pairs": len(v)} for label, v in sorted(wins.items())}
 
 

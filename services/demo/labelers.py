@@ -31,6 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from rlhf.demo.evaluate import win
 from rlhf.demo.task import GOLD, GoldConfig, gold_score
 from rlhf.feedback import records as rec
 from rlhf.v1 import feedback_pb2
@@ -354,6 +355,21 @@ def _finished_flags(record, n: int) -> list[bool]:
     return flags if len(flags) == n else [True] * n
 
 
+def _record_golds(record: feedback_pb2.Comparison, config: GoldConfig) -> tuple[float, float]:
+    """The gold scores of a two-way comparison's replies (cut-off flags from the record's metadata)."""
+    g0, g1 = (
+        gold_score(r.text, finished=f, config=config)
+        for r, f in zip(record.responses, _finished_flags(record, 2), strict=True)
+    )
+    return g0, g1
+
+
+def _label_agrees(golds: tuple[float, float], chosen_index: int) -> float:
+    """1 when the chosen reply is the gold-better one, one half on a gold tie, 0 otherwise."""
+    g0, g1 = golds
+    return 0.5 if g0 == g1 else 1.0 if (g0 > g1) == (chosen_index == 0) else 0.0
+
+
 def bayes_optimal_accuracy_of_records(
     comparisons: Iterable[feedback_pb2.Comparison], labelers: dict[str, Labeler], config: GoldConfig = GOLD
 ) -> tuple[float, int]:
@@ -364,12 +380,7 @@ def bayes_optimal_accuracy_of_records(
         labeler = labelers.get(record.labeler_id)
         if not isinstance(labeler, BradleyTerryComparer) or len(record.responses) != 2:
             continue
-        flags = _finished_flags(record, 2)
-        golds = [
-            gold_score(r.text, finished=f, config=config)
-            for r, f in zip(record.responses, flags, strict=True)
-        ]
-        items.append((labeler, golds[0], golds[1]))
+        items.append((labeler, *_record_golds(record, config)))
     return bayes_optimal_accuracy(items), len(items)
 
 
@@ -377,23 +388,14 @@ def gold_agreement_of_records(
     comparisons: Iterable[feedback_pb2.Comparison], config: GoldConfig = GOLD
 ) -> float:
     """Share of stored two-way comparisons whose chosen response is also the gold-better one (ties count 1/2)."""
-    total, agree = 0, 0.0
-    for record in comparisons:
-        if len(record.responses) != 2:
-            continue
-        flags = _finished_flags(record, 2)
-        golds = [
-            gold_score(r.text, finished=f, config=config)
-            for r, f in zip(record.responses, flags, strict=True)
-        ]
-        total += 1
-        if golds[0] == golds[1]:
-            agree += 0.5
-        elif (golds[0] > golds[1]) == (record.chosen_index == 0):
-            agree += 1.0
-    if total == 0:
+    values = [
+        _label_agrees(_record_golds(record, config), record.chosen_index)
+        for record in comparisons
+        if len(record.responses) == 2
+    ]
+    if not values:
         raise ValueError("no two-way comparisons")
-    return agree / total
+    return sum(values) / len(values)
 
 
 PAIR_KINDS = ("both_finished", "one_cut_off", "both_cut_off")
@@ -414,39 +416,36 @@ def scored_pair_accuracy(
     """How a scorer (``scores[i]``: its scores of comparison i's two replies) does on stored two-way comparisons,
     overall and per :func:`pair_kind`: ``accuracy`` on the labelers' choices (ties 1/2; ``hits`` holds the
     per-comparison values), ``gold_pair_accuracy`` (agreement with the gold order, gold ties 1/2),
-    ``bayes_optimal_accuracy`` and ``label_gold_agreement`` on the same comparisons, and ``comparisons``.
+    ``bayes_optimal_accuracy`` (None where no simulated comparer judged) and ``label_gold_agreement`` on the
+    same comparisons, and ``comparisons``.
 
     The split shows where a reward model fails: a pair with one cut-off reply differs by the cut-off penalty
     (easy to see), two replies of one prompt that both ran into the limit differ mostly by tone (hard)."""
     if len(comparisons) != len(scores):
         raise ValueError(f"{len(comparisons)} comparisons but {len(scores)} score pairs")
-    hits, agrees, kinds = [], [], []
+    if not comparisons:
+        raise ValueError("scored_pair_accuracy needs at least one comparison")
+    hits, agrees, label_agrees, bayes_items, kinds = [], [], [], [], []
     for record, (s0, s1) in zip(comparisons, scores, strict=True):
         if len(record.responses) != 2:
             raise ValueError("scored_pair_accuracy needs two-way comparisons")
-        chosen, other = (s0, s1) if record.chosen_index == 0 else (s1, s0)
-        hits.append(1.0 if chosen > other else 0.5 if chosen == other else 0.0)
-        g0, g1 = (
-            gold_score(r.text, finished=f, config=config)
-            for r, f in zip(record.responses, _finished_flags(record, 2), strict=True)
-        )
+        golds = _record_golds(record, config)  # once per record: every figure below reads them
+        hits.append(win(s0, s1) if record.chosen_index == 0 else win(s1, s0))
+        g0, g1 = golds
         agrees.append(0.5 if g0 == g1 or s0 == s1 else 1.0 if (s0 > s1) == (g0 > g1) else 0.0)
+        label_agrees.append(_label_agrees(golds, record.chosen_index))
+        labeler = labelers.get(record.labeler_id)
+        bayes_items.append((labeler, g0, g1) if isinstance(labeler, BradleyTerryComparer) else None)
         kinds.append(pair_kind(record))
-    if not hits:
-        raise ValueError("scored_pair_accuracy needs at least one comparison")
 
     def summary(rows: list[int]) -> dict:
-        records = [comparisons[i] for i in rows]
-        try:
-            bayes = bayes_optimal_accuracy_of_records(records, labelers, config)[0]
-        except ValueError:  # none of them by a simulated Bradley-Terry comparer
-            bayes = None
+        items = [bayes_items[i] for i in rows if bayes_items[i] is not None]
         return {
             "comparisons": len(rows),
             "accuracy": sum(hits[i] for i in rows) / len(rows),
             "gold_pair_accuracy": sum(agrees[i] for i in rows) / len(rows),
-            "bayes_optimal_accuracy": bayes,
-            "label_gold_agreement": gold_agreement_of_records(records, config),
+            "bayes_optimal_accuracy": bayes_optimal_accuracy(items) if items else None,
+            "label_gold_agreement": sum(label_agrees[i] for i in rows) / len(rows),
         }
 
     out = summary(list(range(len(hits))))
