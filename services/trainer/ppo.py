@@ -603,28 +603,26 @@ class PolicySync:
 
     def _send(self, state: dict) -> int:
         """One UpdateWeights of ``state`` as ``self.version`` (by file path when push_dir is set)."""
-        if self.push_dir is None:
-            return call_with_retry(
-                lambda: self.client.update_weights(version=self.version, state_dict=state),
-                self.client.retry,
-                "PolicyService.UpdateWeights",
-            )
-        from safetensors.torch import save_file
+        source: dict = {"state_dict": state}
+        if self.push_dir is not None:
+            from safetensors.torch import save_file
 
-        self.push_dir.mkdir(parents=True, exist_ok=True)
-        path = self.push_dir / f"policy-v{self.version}.safetensors"
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp))
-        tmp.replace(path)
-        self._pushed_files.append(path)
+            self.push_dir.mkdir(parents=True, exist_ok=True)
+            path = self.push_dir / f"policy-v{self.version}.safetensors"
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(state, str(tmp))
+            tmp.replace(path)
+            self._pushed_files.append(path)
+            source = {"checkpoint_path": str(path)}
         served = call_with_retry(
-            lambda: self.client.update_weights(version=self.version, checkpoint_path=str(path)),
+            lambda: self.client.update_weights(version=self.version, **source),
             self.client.retry,
             "PolicyService.UpdateWeights",
         )
-        for old in self._pushed_files[:-1]:  # keep the newest file: a restarted service may need it
-            old.unlink(missing_ok=True)
-        self._pushed_files = self._pushed_files[-1:]
+        if self.push_dir is not None:
+            for old in self._pushed_files[:-1]:  # keep the newest file: a restarted service may need it
+                old.unlink(missing_ok=True)
+            self._pushed_files = self._pushed_files[-1:]
         return served
 
     def close(self) -> None:
