@@ -1,6 +1,6 @@
-"""Generate the Python code of the rlhf.v1 contracts into services/v1 (the import path rlhf.v1).
+"""Generate the Python code of the rlhf.v1 contracts into services/rlhf/v1 (the import path rlhf.v1).
 
-Usage: python protos/generate.py [OUT_DIR]   (default: services/v1; the staleness test passes a temp dir)
+Usage: python protos/generate.py [OUT_DIR]   (default: services/rlhf/v1; the staleness test passes a temp dir)
 """
 
 import shutil
@@ -39,6 +39,6 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "services" / "v1"
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "services" / "rlhf" / "v1"
     for path in generate(out):
         print(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)

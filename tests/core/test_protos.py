@@ -1,4 +1,4 @@
-"""The generated code in services/v1 matches the protos (run `make protos` when this fails)."""
+"""The generated code in services/rlhf/v1 matches the protos (run `make protos` when this fails)."""
 
 import importlib.util
 import shutil
@@ -19,7 +19,7 @@ def _load_generator():
 
 def test_generated_code_is_fresh(tmp_path):
     written = _load_generator().generate(tmp_path)
-    committed = ROOT / "services" / "v1"
+    committed = ROOT / "services" / "rlhf" / "v1"
     assert written
     for path in written:
         assert (committed / path.name).exists(), f"{path.name} missing: run `make protos`"

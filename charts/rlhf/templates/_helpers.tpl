@@ -98,7 +98,7 @@ app.kubernetes.io/part-of: rlhf
 {{- printf "%s.%s.svc:%d" (include "rlhf.componentName" .) .root.Release.Namespace (int $svc.port) }}
 {{- end }}
 
-{{/* Settings every server shares, as config keys (services/core/config.py ServerConfig). */}}
+{{/* Settings every server shares, as config keys (services/rlhf/core/config.py ServerConfig). */}}
 {{- define "rlhf.serverConfig" -}}
 {{- $v := .root.Values }}
 {{- $cfg := dict "host" "0.0.0.0" "port" (int .port) "metrics_host" "0.0.0.0" "metrics_port" (int .metricsPort) }}

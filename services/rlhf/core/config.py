@@ -47,7 +47,7 @@ class BaseConfig(BaseModel):
 
 
 class ServerConfig(BaseConfig):
-    """Settings every gRPC server shares (see services/core/server.py)."""
+    """Settings every gRPC server shares (see services/rlhf/core/server.py)."""
 
     host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free port).")

@@ -1,11 +1,11 @@
-"""Write the demo's shipped prompt set, ``services/demo/data/prompts.jsonl`` (deterministic; re-run to rebuild).
+"""Write the demo's shipped prompt set, ``services/rlhf/demo/data/prompts.jsonl`` (deterministic; re-run to rebuild).
 
 Every prompt is a template of one category (review, message, story, advice) filled with a subject of that
 category; every template asks for a short reply, so a good answer fits in the demo's response budget. The
 train/eval split is fixed by a hash of the prompt text (about one prompt in five is held out for evaluation),
 so adding templates or subjects never moves an existing prompt between splits.
 
-    python -m rlhf.demo.make_prompts            # rewrites services/demo/data/prompts.jsonl
+    python -m rlhf.demo.make_prompts            # rewrites services/rlhf/demo/data/prompts.jsonl
     python -m rlhf.demo.make_prompts --check    # exit 1 when the shipped file is stale
 """
 

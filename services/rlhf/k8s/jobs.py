@@ -54,7 +54,7 @@ def default_chart_dir() -> Path:
     """``$RLHF_CHART`` (set in the images), else the chart next to the installed package (a source checkout)."""
     if os.environ.get("RLHF_CHART"):
         return Path(os.environ["RLHF_CHART"])
-    return Path(__file__).resolve().parents[2] / "charts" / "rlhf"
+    return Path(__file__).resolve().parents[3] / "charts" / "rlhf"
 
 
 def _deep_merge(base: dict, override: dict) -> dict:
