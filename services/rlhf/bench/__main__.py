@@ -15,7 +15,7 @@ BENCHMARKS = {
     "reward": "rlhf.bench.reward",
     "labeling": "rlhf.bench.labeling",
     "rl": "rlhf.bench.rl",
-    "train": "rlhf.trainer.train_bench",
+    "train": "rlhf.bench.training",
 }
 
 

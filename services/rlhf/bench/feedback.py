@@ -30,7 +30,15 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf.bench import write_result
+from rlhf.bench.results import write_result
+from rlhf.core.client import RetryPolicy
+from rlhf.core.launcher import Launcher
+from rlhf.feedback import jsonl
+from rlhf.feedback import records as rec
+from rlhf.feedback.client import FeedbackClient
+from rlhf.feedback.pg_local import LocalPostgres, find_pg_bin
+from rlhf.feedback.store import FeedbackStore, normalize_url
+from rlhf.v1 import feedback_pb2
 
 TARGET_PER_SECOND = 10_000
 BATCHED = [(1000, 40), (100, 100)]  # (comparisons per request, requests)
@@ -45,9 +53,6 @@ class _Skip(Exception):
 
 def comparison_requests(prefix: str, requests: int, size: int):
     """AddComparisons requests with realistic sizes (a ~70-char prompt, two ~170-char responses)."""
-    from rlhf.feedback import records as rec
-    from rlhf.v1 import feedback_pb2
-
     out = []
     for b in range(requests):
         items = []
@@ -112,8 +117,6 @@ def _durability(url: str, backend: str) -> dict:
     if backend == "sqlite":
         return {"journal_mode": "wal", "synchronous": "FULL (set on every connection by the store)"}
     import psycopg
-
-    from rlhf.feedback.store import normalize_url
 
     dsn = normalize_url(url).replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(dsn) as conn:
@@ -201,12 +204,6 @@ def _profile_ingest(service, client, out_dir: Path, name: str) -> dict | None:
 
 
 def bench_backend(name: str, url: str, direct_url: str, out_dir: Path, workdir: Path, profile: bool) -> dict:
-    from rlhf.core.client import RetryPolicy
-    from rlhf.core.launcher import Launcher
-    from rlhf.feedback import jsonl
-    from rlhf.feedback.client import FeedbackClient
-    from rlhf.feedback.store import FeedbackStore
-
     result: dict = {"durability": _durability(url, name)}
     with Launcher(workdir / name, env={"RLHF_LOG_LEVEL": "WARNING"}) as launcher:
         service = launcher.start(
@@ -310,8 +307,6 @@ def _markdown(result: dict) -> str:
 
 
 def run(out_dir: Path) -> dict:
-    from rlhf.feedback.pg_local import LocalPostgres, find_pg_bin
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="rlhf-bench-feedback-"))

@@ -17,7 +17,15 @@ import threading
 import time
 from pathlib import Path
 
-from rlhf.bench import write_result
+import torch
+from safetensors.torch import save_file
+
+from rlhf.bench.results import write_result
+from rlhf.core.chat import render_prompt
+from rlhf.core.launcher import Launcher
+from rlhf.core.models import load_causal_lm, load_tokenizer, resolve_model_path, set_torch_threads
+from rlhf.generation.client import PolicyClient
+from rlhf.generation.weights import unique_tensors
 
 THREADS = 2
 MAX_NEW_TOKENS = 48
@@ -53,11 +61,6 @@ def _count(tokens, eos_ids) -> int:
 
 
 def in_process_generate(model_path: Path) -> dict:
-    import torch
-
-    from rlhf.core.chat import render_prompt
-    from rlhf.core.models import load_causal_lm, load_tokenizer, set_torch_threads
-
     set_torch_threads(THREADS)
     model, tok = load_causal_lm(model_path), load_tokenizer(model_path)
     tok.padding_side = "left"
@@ -88,118 +91,121 @@ def in_process_generate(model_path: Path) -> dict:
 
 
 def run(out_dir: Path) -> dict:
-    from rlhf.core.launcher import Launcher
-    from rlhf.core.models import load_causal_lm, resolve_model_path
-    from rlhf.generation.client import PolicyClient
-
     model_path = resolve_model_path(None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     result: dict = {"model": str(model_path), "threads": THREADS, "max_new_tokens": MAX_NEW_TOKENS}
-
     with Launcher(tempfile.mkdtemp(prefix="bench-generation-")) as launcher:
-        service = launcher.start(
-            "generation",
-            ["serve", "generation"],
-            args=[
-                "--model",
-                "default",
-                "--torch-threads",
-                str(THREADS),
-                "--max-batch-size",
-                "16",
-                "--batch-wait-ms",
-                "20",
-            ],
-            env={"RLHF_TORCH_THREADS": str(THREADS)},
-            timeout=600,
-        )
+        service = start_service(launcher)
         # measured back to back (the idle server uses no CPU), so both see the same machine load
         result["in_process_generate_16"] = in_process_generate(model_path)
         with PolicyClient(service.target, timeout=3600) as client:
-            kw = dict(max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE)
-            client.generate(PROMPTS[:2], max_new_tokens=4, temperature=0.0)  # warm-up
-            runs = []
-            for seed in range(RUNS):
-                start = time.perf_counter()
-                response = client.generate_response(PROMPTS, seed=seed, **kw)
-                seconds = time.perf_counter() - start
-                runs.append((response.completion_tokens / seconds, response.completion_tokens, seconds))
-            best = max(runs)
-            result["service_generate_16"] = {
-                "tokens_per_second": best[0],
-                "tokens": best[1],
-                "seconds": best[2],
-            }
-            result["service_vs_in_process"] = best[0] / result["in_process_generate_16"]["tokens_per_second"]
-
-            # 16 single-prompt callers: one after another, then all at once
-            start = time.perf_counter()
-            sequential_tokens = sum(
-                len(client.generate([p], seed=i, **kw)[0].token_ids) for i, p in enumerate(PROMPTS)
+            result["service_generate_16"] = service_generate(client)
+            result["service_vs_in_process"] = (
+                result["service_generate_16"]["tokens_per_second"]
+                / result["in_process_generate_16"]["tokens_per_second"]
             )
-            sequential = time.perf_counter() - start
-            concurrent_tokens = [0] * len(PROMPTS)
-            barrier = threading.Barrier(len(PROMPTS))
-
-            def call(i):
-                barrier.wait()
-                concurrent_tokens[i] = len(client.generate([PROMPTS[i]], seed=i, **kw)[0].token_ids)
-
-            threads = [threading.Thread(target=call, args=(i,)) for i in range(len(PROMPTS))]
-            start = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            concurrent = time.perf_counter() - start
-            result["sixteen_callers"] = {
-                "sequential_seconds": sequential,
-                "sequential_tokens": sequential_tokens,
-                "concurrent_seconds": concurrent,
-                "concurrent_tokens": sum(concurrent_tokens),
-                "speedup": sequential / concurrent,
-                "throughput_ratio": (sum(concurrent_tokens) / concurrent) / (sequential_tokens / sequential),
-            }
-
+            result["sixteen_callers"] = sixteen_callers(client)
             # weight pushes of the full model (its own weights, so the outputs stay meaningful)
-            from safetensors.torch import save_file
-
-            from rlhf.generation.weights import unique_tensors
-
-            state = load_causal_lm(model_path).state_dict()
-            shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-            path = shm / f"rlhf-bench-policy-{os.getpid()}.safetensors"
-            try:
-                start = time.perf_counter()
-                save_file(unique_tensors(state), str(path))
-                save_seconds = time.perf_counter() - start
-                path_times, server_times = [], []
-                for version in (1, 2, 3):
-                    start = time.perf_counter()
-                    response = client.update_weights_response(version=version, checkpoint_path=str(path))
-                    path_times.append(time.perf_counter() - start)
-                    server_times.append(response.seconds)
-                stream_times = []
-                for version in (4, 5):
-                    start = time.perf_counter()
-                    response = client.update_weights_response(version=version, state_dict=state)
-                    stream_times.append(time.perf_counter() - start)
-                result["weight_push"] = {
-                    "bytes": response.num_bytes,
-                    "tensors": response.num_tensors,
-                    "save_to_shm_seconds": save_seconds,
-                    "path_push_seconds_median": statistics.median(path_times),
-                    "path_push_server_seconds_median": statistics.median(server_times),
-                    "path_push_plus_save_seconds": save_seconds + statistics.median(path_times),
-                    "streamed_push_seconds_median": statistics.median(stream_times),
-                    "shm": str(shm),
-                }
-            finally:
-                path.unlink(missing_ok=True)
+            result["weight_push"] = weight_pushes(client, load_causal_lm(model_path).state_dict())
             assert client.model_info().version == "5"
+    write_result(out_dir, "generation", result, markdown_table(result))
+    return result
 
-    r = result
-    markdown = "\n".join(
+
+def start_service(launcher: Launcher):
+    """``rlhf serve generation`` with the default model, batches of up to 16 prompts, 20 ms batch wait."""
+    return launcher.start(
+        "generation",
+        ["serve", "generation"],
+        args=["--model", "default", "--torch-threads", str(THREADS)]
+        + ["--max-batch-size", "16", "--batch-wait-ms", "20"],
+        env={"RLHF_TORCH_THREADS": str(THREADS)},
+        timeout=600,
+    )
+
+
+def service_generate(client: PolicyClient) -> dict:
+    """tokens/s of one Generate call with the 16 prompts (best of ``RUNS``), after a warm-up call."""
+    client.generate(PROMPTS[:2], max_new_tokens=4, temperature=0.0)  # warm-up
+    runs = []
+    for seed in range(RUNS):
+        start = time.perf_counter()
+        response = client.generate_response(
+            PROMPTS, seed=seed, max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE
+        )
+        seconds = time.perf_counter() - start
+        runs.append((response.completion_tokens / seconds, response.completion_tokens, seconds))
+    best = max(runs)
+    return {"tokens_per_second": best[0], "tokens": best[1], "seconds": best[2]}
+
+
+def sixteen_callers(client: PolicyClient) -> dict:
+    """16 single-prompt callers: one after another, then all at once."""
+    kw = dict(max_new_tokens=MAX_NEW_TOKENS, temperature=TEMPERATURE)
+    start = time.perf_counter()
+    sequential_tokens = sum(
+        len(client.generate([p], seed=i, **kw)[0].token_ids) for i, p in enumerate(PROMPTS)
+    )
+    sequential = time.perf_counter() - start
+    concurrent_tokens = [0] * len(PROMPTS)
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def call(i):
+        barrier.wait()
+        concurrent_tokens[i] = len(client.generate([PROMPTS[i]], seed=i, **kw)[0].token_ids)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(PROMPTS))]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    concurrent = time.perf_counter() - start
+    return {
+        "sequential_seconds": sequential,
+        "sequential_tokens": sequential_tokens,
+        "concurrent_seconds": concurrent,
+        "concurrent_tokens": sum(concurrent_tokens),
+        "speedup": sequential / concurrent,
+        "throughput_ratio": (sum(concurrent_tokens) / concurrent) / (sequential_tokens / sequential),
+    }
+
+
+def weight_pushes(client: PolicyClient, state: dict) -> dict:
+    """Versions 1-3 pushed by path from /dev/shm (the trainer's fast path), 4-5 streamed as chunks."""
+    shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    path = shm / f"rlhf-bench-policy-{os.getpid()}.safetensors"
+    try:
+        start = time.perf_counter()
+        save_file(unique_tensors(state), str(path))
+        save_seconds = time.perf_counter() - start
+        path_times, server_times = [], []
+        for version in (1, 2, 3):
+            start = time.perf_counter()
+            response = client.update_weights_response(version=version, checkpoint_path=str(path))
+            path_times.append(time.perf_counter() - start)
+            server_times.append(response.seconds)
+        stream_times = []
+        for version in (4, 5):
+            start = time.perf_counter()
+            response = client.update_weights_response(version=version, state_dict=state)
+            stream_times.append(time.perf_counter() - start)
+    finally:
+        path.unlink(missing_ok=True)
+    return {
+        "bytes": response.num_bytes,
+        "tensors": response.num_tensors,
+        "save_to_shm_seconds": save_seconds,
+        "path_push_seconds_median": statistics.median(path_times),
+        "path_push_server_seconds_median": statistics.median(server_times),
+        "path_push_plus_save_seconds": save_seconds + statistics.median(path_times),
+        "streamed_push_seconds_median": statistics.median(stream_times),
+        "shm": str(shm),
+    }
+
+
+def markdown_table(r: dict) -> str:
+    return "\n".join(
         [
             "# Policy generation service (SmolLM2-135M-Instruct, fp32, 2 threads, T=0.7, 48 new tokens)",
             "",
@@ -217,5 +223,3 @@ def run(out_dir: Path) -> dict:
             "",
         ]
     )
-    write_result(out_dir, "generation", result, markdown)
-    return result

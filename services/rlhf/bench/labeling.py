@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from rlhf.bench import write_result
+from rlhf.bench.results import write_result
 from rlhf.feedback.labeling import Judgment, LabelingQueue, TaskSpec
 from rlhf.feedback.pg_local import LocalPostgres, find_pg_bin
 from rlhf.feedback.store import FeedbackStore

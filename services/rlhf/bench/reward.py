@@ -19,7 +19,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from rlhf.bench import write_result
+from rlhf.bench.results import write_result
+from rlhf.core.launcher import Launcher
+from rlhf.core.models import init_reward_model_from_causal_lm, set_torch_threads
+from rlhf.reward.checkpoint import save_reward_checkpoint
+from rlhf.reward.client import AsyncRewardClient
 
 CALLERS = 32
 BLOCKS = 3  # alternating blocks per configuration
@@ -59,9 +63,6 @@ def pairs_for(caller: int) -> tuple[str, str]:
 
 
 def build_checkpoint(folder: Path) -> Path:
-    from rlhf.core.models import init_reward_model_from_causal_lm, set_torch_threads
-    from rlhf.reward.checkpoint import save_reward_checkpoint
-
     set_torch_threads(THREADS)
     model, tokenizer = init_reward_model_from_causal_lm()
     return save_reward_checkpoint(
@@ -91,8 +92,6 @@ async def _block(client, per_caller: int, latencies: list[float]) -> float:
 
 async def _measure(services: dict, blocks: int, per_caller: int) -> dict:
     """Blocks alternate between the configurations, so a change in the machine's load hits both alike."""
-    from rlhf.reward.client import AsyncRewardClient
-
     clients = {name: AsyncRewardClient(s.target, timeout=900) for name, s in services.items()}
     latencies: dict[str, list[float]] = {name: [] for name in services}
     wall = dict.fromkeys(services, 0.0)
@@ -132,8 +131,6 @@ def _batch_counts(metrics_port: int) -> tuple[float, float]:
 
 
 def run(out_dir: Path, blocks: int = BLOCKS, per_caller: int = PER_CALLER) -> dict:
-    from rlhf.core.launcher import Launcher
-
     result: dict = {
         "settings": {
             "callers": CALLERS,

@@ -19,7 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from rlhf.bench import write_result
+from rlhf.bench.ppo_iteration import time_ppo_iterations
+from rlhf.bench.results import machine_info, write_result
+from rlhf.core.models import init_reward_model_from_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.demo.task import load_prompts
 
 BASELINE_DIR = Path(__file__).parent / "baselines"
 VENV_ROOT = Path(os.environ.get("RLHF_BENCH_VENVS", Path.home() / ".cache" / "rlhf" / "bench-venvs"))
@@ -67,7 +70,7 @@ def run_baseline(name: str, script: str, args: list[str], workdir: Path) -> dict
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": str(THREADS),
-        "OMP_WAIT_POLICY": "PASSIVE",  # the same thread setting as ours (rlhf.trainer.ppo_bench.THREAD_ENV)
+        "OMP_WAIT_POLICY": "PASSIVE",  # the same thread setting as ours (rlhf.bench.ppo_iteration.THREAD_ENV)
         "PYTHONPATH": "",
     }
     log = workdir / f"{Path(script).stem}.log"
@@ -91,9 +94,6 @@ def run_baseline(name: str, script: str, args: list[str], workdir: Path) -> dict
 
 def prepare_models(workdir: Path) -> tuple[Path, Path, Path]:
     """(policy folder, 135M reward-model folder, prompts.json) shared by every contender."""
-    from rlhf.core.models import init_reward_model_from_causal_lm, load_tokenizer, resolve_model_path
-    from rlhf.demo.task import load_prompts
-
     model_dir = resolve_model_path("smollm2-135m-instruct")
     rm_dir = workdir / "reward-model"
     if not (rm_dir / "config.json").exists():
@@ -107,8 +107,6 @@ def prepare_models(workdir: Path) -> tuple[Path, Path, Path]:
 
 
 def run_ours(model_dir: Path, rm_dir: Path, prompts_json: Path, iterations: int, workdir: Path) -> dict:
-    from rlhf.trainer.ppo_bench import time_ppo_iterations
-
     return time_ppo_iterations(
         model_dir=model_dir,
         reward_model_dir=rm_dir,
@@ -164,8 +162,6 @@ def markdown_table(result: dict) -> str:
 def run(
     out_dir: Path, iterations: int = 4, which: tuple[str, ...] = ("ours", "trl_grpo", "trl_ppov2")
 ) -> dict:
-    from rlhf.bench import machine_info
-
     workdir = Path(tempfile.mkdtemp(prefix="rlhf-bench-rl-"))
     model_dir, rm_dir, prompts_json = prepare_models(workdir)
     common = [str(model_dir), str(rm_dir), str(prompts_json)]

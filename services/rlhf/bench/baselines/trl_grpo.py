@@ -5,14 +5,16 @@ usage: python trl_grpo.py MODEL_DIR RM_DIR PROMPTS_JSON OUT_JSON --steps N --thr
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
+import trl
+from _timing import StepTimer
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
 
 
 def main():
@@ -29,11 +31,6 @@ def main():
     p.add_argument("--temperature", type=float, default=0.7)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    import trl
-    from _timing import StepTimer
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from trl import GRPOConfig, GRPOTrainer
 
     prompts = json.loads(Path(a.prompts_json).read_text())
     ds = Dataset.from_list([{"prompt": [{"role": "user", "content": t}]} for t in prompts])

@@ -6,14 +6,16 @@ usage: python trl_ppov2.py MODEL_DIR RM_DIR PROMPTS_JSON OUT_JSON --iterations N
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))
+import trl
+from _timing import StepTimer
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from trl import PPOv2Config, PPOv2Trainer
 
 
 def main():
@@ -29,34 +31,10 @@ def main():
     p.add_argument("--temperature", type=float, default=0.7)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    import trl
-    from _timing import StepTimer
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-    from trl import PPOv2Config, PPOv2Trainer
 
-    prompts = json.loads(Path(a.prompts_json).read_text())
-    tok = AutoTokenizer.from_pretrained(a.model_dir, padding_side="left")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    template = Path(a.model_dir) / "chat_template.jinja"
-    if tok.chat_template is None and template.exists():  # transformers 4.46 does not read this file itself
-        tok.chat_template = template.read_text()
-    rows = [
-        {"input_ids": tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)}
-        for t in prompts
-    ]
-    ds = Dataset.from_list(rows)
-    policy = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(a.model_dir, torch_dtype=torch.float32)
-    value = AutoModelForSequenceClassification.from_pretrained(
-        a.rm_dir, num_labels=1, torch_dtype=torch.float32
-    )
-    reward = AutoModelForSequenceClassification.from_pretrained(
-        a.rm_dir, num_labels=1, torch_dtype=torch.float32
-    )
-    for m in (value, reward):
-        m.config.pad_token_id = tok.pad_token_id
+    tok = load_tokenizer(a.model_dir)
+    ds = prompt_dataset(tok, json.loads(Path(a.prompts_json).read_text()))
+    policy, ref, value, reward = load_models(a.model_dir, a.rm_dir, tok.pad_token_id)
     with tempfile.TemporaryDirectory() as out:
         cfg = PPOv2Config(
             output_dir=out,
@@ -102,6 +80,40 @@ def main():
             }
         )
     )
+
+
+def load_tokenizer(model_dir: str):
+    """Left-padding tokenizer with a pad token and the chat template (transformers 4.46 does not read the file)."""
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    template = Path(model_dir) / "chat_template.jinja"
+    if tok.chat_template is None and template.exists():
+        tok.chat_template = template.read_text()
+    return tok
+
+
+def prompt_dataset(tok, prompts: list[str]) -> Dataset:
+    rows = [
+        {"input_ids": tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)}
+        for t in prompts
+    ]
+    return Dataset.from_list(rows)
+
+
+def load_models(model_dir: str, rm_dir: str, pad_token_id: int):
+    """(policy, reference, value, reward): the policies from ``model_dir``, value and reward from ``rm_dir``."""
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(
+        rm_dir, num_labels=1, torch_dtype=torch.float32
+    )
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        rm_dir, num_labels=1, torch_dtype=torch.float32
+    )
+    for m in (value, reward):
+        m.config.pad_token_id = pad_token_id
+    return policy, ref, value, reward
 
 
 if __name__ == "__main__":

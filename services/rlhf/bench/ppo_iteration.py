@@ -14,13 +14,32 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
-log = logging.getLogger("rlhf.trainer.ppo_bench")
+import yaml
+
+from rlhf.core.launcher import Launcher
+from rlhf.trainer.job import read_metrics
+
+log = logging.getLogger("rlhf.bench.ppo_iteration")
 
 PHASES = ("generate", "score", "reference", "values", "update", "sync")
 THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# every process of the run: offline, and the thread setting above
+ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **THREAD_ENV}
+# the learning metrics of the last iteration that the result reports
+LAST_METRICS = (
+    "reward_mean",
+    "kl",
+    "entropy",
+    "response_length",
+    "logprob_mismatch_max",
+    "logprob_mismatch_mean",
+)
 
 
 def _steady(rows: list[dict]) -> list[dict]:
@@ -67,99 +86,75 @@ def time_ppo_iterations(
     Returns {"seconds_per_iteration", "rollouts_per_second", "rollouts_per_step", "phase_seconds",
     "step_seconds", "metrics" (the last iteration's learning metrics), "settings"}.
     """
-    import os
-    import subprocess
-    import sys
-
-    import yaml
-
-    from rlhf.core.launcher import Launcher
-    from rlhf.trainer.job import read_metrics
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    data_file = workdir / "ppo-prompts.jsonl"
-    with open(data_file, "w", encoding="utf-8") as f:
-        for prompt in prompts:
-            f.write(json.dumps({"prompt": prompt}) + "\n")
+    data_file = write_prompts(workdir / "ppo-prompts.jsonl", prompts)
     run_dir = workdir / "ppo-run"
-    env = {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        **THREAD_ENV,
-    }
-    with Launcher(workdir / "services", env=env) as launcher:
+    settings = dict(
+        model=str(model_dir),
+        data_file=str(data_file),
+        eval_fraction=0.0,
+        run_dir=str(run_dir),
+        batch_size=rollouts,
+        micro_batch_size=rollouts,
+        response_length=max_new_tokens,
+        temperature=temperature,
+        max_steps=iterations,
+        num_ppo_epochs=1,
+        num_mini_batches=1,
+        checkpoint_every=0,
+        serve=False,
+        metrics_port=-1,
+        progress=False,
+        torch_threads=trainer_threads,
+    )
+    settings.update(ppo_overrides or {})
+    with Launcher(workdir / "services", env=ENV) as launcher:
         generation = launcher.start(
             "generation",
             ["serve", "generation"],
-            args=[
-                "--model",
-                str(model_dir),
-                "--torch-threads",
-                str(generation_threads),
-                "--max-batch-size",
-                str(max(rollouts, 32)),
-            ],
+            args=["--model", str(model_dir), "--torch-threads", str(generation_threads)]
+            + ["--max-batch-size", str(max(rollouts, 32))],
         )
         reward = launcher.start(
             "reward",
             ["serve", "reward"],
             args=["--model", str(reward_model_dir), "--torch-threads", str(reward_threads)],
         )
-        settings = dict(
-            model=str(model_dir),
-            data_file=str(data_file),
-            eval_fraction=0.0,
-            run_dir=str(run_dir),
-            generation_target=generation.target,
-            reward_target=reward.target,
-            batch_size=rollouts,
-            micro_batch_size=rollouts,
-            response_length=max_new_tokens,
-            temperature=temperature,
-            max_steps=iterations,
-            num_ppo_epochs=1,
-            num_mini_batches=1,
-            checkpoint_every=0,
-            serve=False,
-            metrics_port=-1,
-            progress=False,
-            torch_threads=trainer_threads,
-        )
-        settings.update(ppo_overrides or {})
-        config = workdir / "ppo.yaml"
-        config.write_text(yaml.safe_dump({"ppo": settings}))
-        log_path = workdir / "trainer.log"
-        with open(log_path, "wb") as logf:
-            proc = subprocess.run(
-                [sys.executable, "-m", "rlhf.cli", "train", "ppo", "--config", str(config)],
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, **env},
-            )
-        if proc.returncode != 0:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"rlhf train ppo failed ({proc.returncode}); log {log_path}:\n{tail}")
+        targets = dict(generation_target=generation.target, reward_target=reward.target)
+        run_ppo_job(workdir, {**settings, **targets})
     rows = read_metrics(run_dir)
     result = summarize(rows, rollouts)
-    last = rows[-1]
-    result["metrics"] = {
-        k: last[k]
-        for k in (
-            "reward_mean",
-            "kl",
-            "entropy",
-            "response_length",
-            "logprob_mismatch_max",
-            "logprob_mismatch_mean",
-        )
-        if k in last
-    }
+    result["metrics"] = {k: rows[-1][k] for k in LAST_METRICS if k in rows[-1]}
     result["settings"] = {
         "trainer_threads": trainer_threads,
         "generation_threads": generation_threads,
         "reward_threads": reward_threads,
-        **{k: v for k, v in settings.items() if k not in ("generation_target", "reward_target")},
+        **settings,
     }
     return result
+
+
+def write_prompts(path: Path, prompts: list) -> Path:
+    """The PPO job's data file: one ``{"prompt": ...}`` per line."""
+    with open(path, "w", encoding="utf-8") as f:
+        for prompt in prompts:
+            f.write(json.dumps({"prompt": prompt}) + "\n")
+    return path
+
+
+def run_ppo_job(workdir: Path, settings: dict) -> None:
+    """``rlhf train ppo`` as a process with ``settings`` as its config; raises with the log's tail if it fails."""
+    config = workdir / "ppo.yaml"
+    config.write_text(yaml.safe_dump({"ppo": settings}))
+    log_path = workdir / "trainer.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.run(
+            [sys.executable, "-m", "rlhf.cli", "train", "ppo", "--config", str(config)],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **ENV},
+        )
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"rlhf train ppo failed ({proc.returncode}); log {log_path}:\n{tail}")

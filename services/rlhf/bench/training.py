@@ -13,12 +13,20 @@ faster than 2, as OpenMP threads wait on each other).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+from rlhf.bench.results import write_result
+from rlhf.core.models import resolve_model_path
+from rlhf.trainer.config import RewardModelConfig, SFTConfig
+from rlhf.trainer.job import read_metrics
+from rlhf.trainer.reward_model import run_reward_model
+from rlhf.trainer.sft import run_sft
 
 SUBJECTS = ["the harbour", "a red bicycle", "my grandmother's kitchen", "the night train", "a mountain lake"]
 FILLER = (
@@ -28,8 +36,6 @@ FILLER = (
 
 def _data(folder: Path, n: int = 48) -> tuple[str, str]:
     """Demonstrations and preference pairs of about 96 tokens each (prompt + response) with SmolLM2's tokenizer."""
-    import json
-
     demos, prefs = folder / "demos.jsonl", folder / "prefs.jsonl"
     with open(demos, "w") as d, open(prefs, "w") as p:
         for i in range(n):
@@ -44,8 +50,6 @@ def _data(folder: Path, n: int = 48) -> tuple[str, str]:
 
 
 def _summary(run_dir: Path, total_seconds: float) -> dict:
-    from rlhf.trainer.job import read_metrics
-
     rows = read_metrics(run_dir)
     steady = rows[1:] or rows
     step_s = [r["step_seconds"] for r in steady]
@@ -63,12 +67,6 @@ def _summary(run_dir: Path, total_seconds: float) -> dict:
 
 
 def run(out_dir: Path) -> dict:
-    from rlhf.bench import write_result
-    from rlhf.core.models import resolve_model_path
-    from rlhf.trainer.config import RewardModelConfig, SFTConfig
-    from rlhf.trainer.reward_model import run_reward_model
-    from rlhf.trainer.sft import run_sft
-
     model = str(resolve_model_path(os.environ.get("RLHF_BENCH_MODEL") or None))
     steps = int(os.environ.get("RLHF_BENCH_STEPS", "4"))
     threads = int(os.environ.get("RLHF_TORCH_THREADS", "2"))
