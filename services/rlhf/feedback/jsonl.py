@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from rlhf.core.errors import InvalidArgument, ServiceError
+from rlhf.core.prompt_proto import make_prompt
 from rlhf.feedback import records as rec
 from rlhf.feedback.validation import (
     DEFAULT_SCALE,
@@ -186,7 +187,7 @@ def parse_record(obj: Any, *, default_labeler_id: str = "", default_source: str 
     if layout == "prompt":
         message = feedback_pb2.PromptRecord(
             idempotency_key=key,
-            prompt=rec.make_prompt(_prompt(obj["prompt"])),
+            prompt=make_prompt(_prompt(obj["prompt"])),
             source=_string(obj.get("source", default_source), "source"),
             metadata=_common(obj)["metadata"],
         )

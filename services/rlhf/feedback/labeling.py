@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 
 from rlhf.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from rlhf.core.prompt_proto import make_prompt
 from rlhf.feedback import records as rec
 from rlhf.feedback import validation as val
 from rlhf.feedback.schema import labeling_assignments as assignments
@@ -254,7 +255,7 @@ class LabelingQueue:
     def _check_spec(self, spec: TaskSpec, i: int) -> tuple[str, dict, int]:
         limits = self.store.limits
         path = f"tasks[{i}]"
-        prompt = rec.make_prompt(spec.prompt)
+        prompt = make_prompt(spec.prompt)
         val.check_prompt(prompt, f"{path}.prompt", limits)
         if not isinstance(spec.responses, list | tuple) or not spec.responses:
             raise val.RecordError(f"{path}.responses", "give 1 response to rate or 2+ to compare", "bad_task")

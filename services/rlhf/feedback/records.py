@@ -24,6 +24,7 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from rlhf.core.prompt_proto import make_prompt
 from rlhf.v1 import common_pb2, feedback_pb2
 
 KINDS = ("prompt", "demonstration", "comparison", "rating")
@@ -208,19 +209,6 @@ def record_message(
 
 
 # ---- builders for callers ---------------------------------------------------------------------------------
-
-
-def make_prompt(prompt: PromptLike) -> common_pb2.Prompt:
-    """A Prompt message from text, a list of {"role", "content"} dicts, or a Prompt."""
-    if isinstance(prompt, common_pb2.Prompt):
-        return prompt
-    if isinstance(prompt, str):
-        return common_pb2.Prompt(text=prompt)
-    return common_pb2.Prompt(
-        chat=common_pb2.Conversation(
-            messages=[common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in prompt]
-        )
-    )
 
 
 def make_demonstration(

@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterator, Sequence
 
 from rlhf.core.client import RetryPolicy, call_with_retry, make_channel
+from rlhf.core.prompt_proto import make_prompt
 from rlhf.generation import weights as w
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
@@ -22,22 +23,6 @@ LOGPROBS_MODES = {
     "sampling": policy_pb2.LOGPROBS_MODE_SAMPLING,
 }
 CHUNK_BYTES = 4 * 2**20
-
-
-def make_prompt(prompt) -> common_pb2.Prompt:
-    """A Prompt proto from text, chat messages ([{"role", "content"}]) or token ids ([int])."""
-    if isinstance(prompt, common_pb2.Prompt):
-        return prompt
-    if isinstance(prompt, str):
-        return common_pb2.Prompt(text=prompt)
-    items = list(prompt)
-    if items and all(isinstance(x, int) for x in items):
-        return common_pb2.Prompt(tokens=common_pb2.TokenIds(ids=items))
-    return common_pb2.Prompt(
-        chat=common_pb2.Conversation(
-            messages=[common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in items]
-        )
-    )
 
 
 def make_params(

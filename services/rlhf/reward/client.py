@@ -17,9 +17,10 @@ UNAVAILABLE (server restarting or loading) and RESOURCE_EXHAUSTED (queue full) p
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from rlhf.core.client import RetryPolicy, acall_with_retry, call_with_retry, make_channel
+from rlhf.core.prompt_proto import make_messages, make_prompt
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
 TRUNCATION = {
@@ -27,18 +28,6 @@ TRUNCATION = {
     "reject": reward_pb2.TRUNCATION_POLICY_REJECT,
     "truncate_left": reward_pb2.TRUNCATION_POLICY_TRUNCATE_PROMPT_LEFT,
 }
-
-
-def _messages(messages: Sequence[Mapping]) -> list[common_pb2.ChatMessage]:
-    return [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages]
-
-
-def make_prompt(prompt) -> common_pb2.Prompt:
-    if isinstance(prompt, common_pb2.Prompt):
-        return prompt
-    if isinstance(prompt, str):
-        return common_pb2.Prompt(text=prompt)
-    return common_pb2.Prompt(chat=common_pb2.Conversation(messages=_messages(prompt)))
 
 
 def make_item(item) -> reward_pb2.ScoreItem:
@@ -56,7 +45,7 @@ def make_item(item) -> reward_pb2.ScoreItem:
             pair=reward_pb2.PromptResponse(prompt=make_prompt(prompt), response=response)
         )
     if isinstance(item, (tuple, list)) and all(isinstance(m, Mapping) for m in item):
-        return reward_pb2.ScoreItem(conversation=common_pb2.Conversation(messages=_messages(item)))
+        return reward_pb2.ScoreItem(conversation=common_pb2.Conversation(messages=make_messages(item)))
     raise TypeError(f"cannot score {type(item).__name__}: expected (prompt, response) or a conversation")
 
 
