@@ -178,7 +178,7 @@ def test_a_push_that_loses_a_race_to_another_pusher_goes_out_under_the_next_vers
     service refuses ours (FAILED_PRECONDITION); the trainer renumbers and pushes again instead of failing."""
     from rlhf.core.models import load_causal_lm
     from rlhf.generation.client import PolicyClient
-    from rlhf.trainer.ppo import PolicySync
+    from rlhf.trainer.weight_sync import PolicySync
 
     class RacedClient:
         """The real client, except that someone else's push lands first, once."""
@@ -266,7 +266,8 @@ def test_a_service_restarted_mid_run_does_not_end_the_run(
 def test_a_service_that_stays_down_ends_the_job_after_a_checkpoint(
     services, tiny_lm_path, prompts_file, tmp_path
 ):
-    from rlhf.trainer.ppo import ServiceDown, run_ppo
+    from rlhf.core.errors import ServiceDown
+    from rlhf.trainer.ppo import run_ppo
 
     cfg = ppo_config(
         services,

@@ -59,6 +59,18 @@ class DeadlineExceeded(ServiceError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class ServiceDown(Unavailable):
+    """A service stayed unavailable (UNAVAILABLE / DEADLINE_EXCEEDED) past the client's retry window.
+
+    ``service`` names it ("generation", "reward"); a job that raises this ends after a checkpoint, and the CLI
+    prints the message on one line and exits 1 (an outage: run again with --resume).
+    """
+
+    def __init__(self, message: str, service: str = ""):
+        super().__init__(message)
+        self.service = service
+
+
 def require(condition: bool, field: str, why: str) -> None:
     """Raise InvalidArgument(field, why) unless condition holds."""
     if not condition:

@@ -274,5 +274,3 @@ def pad_right(sequences: list[list[int]], pad_value: int):
         mask[row, : len(seq)] = 1
     return ids, mask
 
-
-MIN_SHARED_PREFIX = 8  # tokens; a shorter common prefix is not worth a forward pass of its own

@@ -43,10 +43,10 @@ from rlhf.core.models import (
     score_head,
     set_torch_threads,
 )
+from rlhf.rl.rollout import MIN_SHARED_PREFIX
 from rlhf.trainer import distributed
 from rlhf.trainer.config import RewardModelConfig
 from rlhf.trainer.data import (
-    MIN_SHARED_PREFIX,
     encode_scored_text,
     load_comparisons,
     pad_right,

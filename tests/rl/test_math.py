@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from rlhf.trainer.rl_math import (
+from rlhf.rl.math import (
     AdaptiveKLController,
     FixedKLController,
     assert_finite,
@@ -392,7 +392,7 @@ def test_assert_finite_names_the_tensor():
 
 
 def test_rloo_advantages_hand_values():
-    from rlhf.trainer.rl_math import rloo_advantages
+    from rlhf.rl.math import rloo_advantages
 
     rewards = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 3.0], [2.0, 0.0, 0.0], [1.0, 1.0, 9.0]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.bool)
