@@ -9,9 +9,19 @@ import pytest
 import torch
 
 from rlhf.core.models import load_causal_lm, load_tokenizer
-from rlhf.rl.forward import ValueHead, response_forward
-from rlhf.rl.learner import PPOLearner
+from rlhf.rl.forward import ForwardOut, ValueHead, response_forward
+from rlhf.rl.learner import (
+    Advantages,
+    OldPolicy,
+    PPOLearner,
+    estimate_advantages,
+    first_forward_mode,
+    grad_norm,
+    ppo_loss,
+    shaped_scores,
+)
 from rlhf.rl.math import ppo_policy_loss, ppo_value_loss
+from rlhf.rl.rollout import build_rollout
 from rlhf.trainer.config import PPOConfig
 
 
@@ -153,3 +163,87 @@ def test_rloo_step_moves_each_prompt_towards_its_better_sample_without_touching_
 def test_rloo_needs_groups():
     with pytest.raises(ValueError, match="samples_per_prompt"):
         PPOConfig(batch_size=4, advantage_estimator="rloo")
+
+
+def _scored_rollout(scores, eos=(True, True)):
+    rollout = build_rollout(
+        ["a", "b"],
+        [[1], [1]],
+        [[5, 6], [7, 8]],
+        [[-1.0, -1.0], [-1.0, -1.0]],
+        list(eos),
+        ["x", "y"],
+        pad_token_id=0,
+        policy_version=0,
+    )
+    rollout.scores = rollout.raw_scores = torch.tensor(scores)
+    return rollout
+
+
+def test_estimate_advantages_shapes_rewards_with_kl_then_gae_then_whitens_hand_values():
+    rollout = _scored_rollout([1.0, -1.0])
+    cfg = PPOConfig(batch_size=2, micro_batch_size=2, gamma=1.0, lam=1.0)
+    logprobs = torch.full((2, 2), -1.0)
+    ref = torch.tensor([[-2.0, -1.0], [-1.0, -1.0]])  # k1 KL: 1 on the first token of the first response
+    adv = estimate_advantages(rollout, logprobs, ref, torch.zeros(2, 2), 0.5, cfg)
+    assert adv.kl.tolist() == [[1.0, 0.0], [0.0, 0.0]]
+    assert adv.non_score_reward.tolist() == [[-0.5, 0.0], [0.0, 0.0]]
+    # rewards [[-0.5, 1], [0, -1]]; zero values, gamma = lam = 1: advantages are the rewards to go
+    assert adv.returns.tolist() == [[0.5, 1.0], [-1.0, -1.0]]
+    raw = torch.tensor([[0.5, 1.0], [-1.0, -1.0]])
+    mean, var = -0.125, 3.1875 / 3  # unbiased variance of the four advantages
+    assert torch.allclose(adv.advantages, (raw - mean) / math.sqrt(var + 1e-8), atol=1e-6)
+
+
+def test_estimate_advantages_with_rloo_uses_the_other_sample_as_baseline():
+    rollout = _scored_rollout([1.0, -1.0])
+    cfg = PPOConfig(batch_size=2, micro_batch_size=2, samples_per_prompt=2, advantage_estimator="rloo")
+    zeros = torch.zeros(2, 2)
+    adv = estimate_advantages(rollout, zeros, zeros, zeros, 0.1, cfg)
+    assert adv.returns.tolist() == [[1.0, 1.0], [-1.0, -1.0]]
+    # per sequence 1 - (-1) = 2 and -2; whitened over four tokens: +-2 / sqrt(16 / 3)
+    expected = torch.tensor([[1.0, 1.0], [-1.0, -1.0]]) * 2 / math.sqrt(16 / 3 + 1e-8)
+    assert torch.allclose(adv.advantages, expected, atol=1e-6)
+
+
+def test_shaped_scores_subtract_the_missing_eos_penalty_and_clip():
+    rollout = _scored_rollout([3.0, 3.0], eos=(True, False))
+    cfg = PPOConfig(batch_size=2, micro_batch_size=2, missing_eos_penalty=1.0, reward_clip=2.5)
+    assert shaped_scores(rollout, cfg).tolist() == [2.5, 2.0]
+
+
+def test_first_forward_mode_fuses_one_micro_batch_and_skips_only_for_rloo_with_reusable_logprobs():
+    gae = PPOConfig(batch_size=4, micro_batch_size=4, num_mini_batches=2)
+    rloo = PPOConfig(batch_size=4, micro_batch_size=4, samples_per_prompt=2, advantage_estimator="rloo")
+    assert first_forward_mode(PPOConfig(batch_size=4, micro_batch_size=4), 4, 4, reuse=True) == "fused"
+    assert first_forward_mode(gae, 4, 2, reuse=True) == "separate"
+    assert first_forward_mode(rloo, 4, 2, reuse=True) == "skipped"
+    assert first_forward_mode(rloo, 4, 2, reuse=False) == "separate"
+
+
+def test_ppo_loss_adds_the_weighted_value_loss_and_reports_its_parts():
+    logprobs = torch.zeros(1, 2, requires_grad=True)
+    values = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    out = ForwardOut(logprobs, values, torch.zeros(1, 2, 3))
+    old = OldPolicy(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2))
+    adv = Advantages(
+        torch.tensor([[1.0, -1.0]]), torch.tensor([[1.0, 3.0]]), torch.zeros(1, 2), torch.zeros(1, 2)
+    )
+    cfg = PPOConfig(batch_size=1, micro_batch_size=1)
+    mask, rows = torch.ones(1, 2, dtype=torch.bool), torch.tensor([0])
+    loss, stats = ppo_loss(out, old, adv, rows, mask, cfg, vf_coef=0.5)
+    # ratio 1: pg_loss = -mean(advantages) = 0; vf_loss = 0.5 * mean((v - R)^2) = 0.5 * (1 + 9) / 2 = 2.5
+    assert stats["policy_loss"] == pytest.approx(0.0) and stats["value_loss"] == pytest.approx(2.5)
+    assert float(loss.detach()) == pytest.approx(0.5 * 2.5)
+    assert stats["ratio"] == pytest.approx(1.0) and stats["clipfrac"] == 0.0
+    _, no_values = ppo_loss(out, old, adv, rows, mask, cfg, vf_coef=0.0)
+    assert "value_loss" not in no_values and "vf_clipfrac" not in no_values
+
+
+def test_grad_norm_reports_the_norm_before_clipping_and_clips():
+    param = torch.nn.Parameter(torch.zeros(2))
+    param.grad = torch.tensor([3.0, 4.0])
+    assert float(grad_norm([param], 0.0)) == pytest.approx(5.0)
+    assert param.grad.tolist() == [3.0, 4.0]
+    assert float(grad_norm([param], 1.0)) == pytest.approx(5.0)
+    assert float(param.grad.norm()) == pytest.approx(1.0, abs=1e-5)
