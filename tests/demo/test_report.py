@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from rlhf.demo.evaluate import summarize
-from rlhf.demo.report import curve_series, load_metrics, sample_table, write_report
+from rlhf.demo.report import curve_series, load_metrics, sample_table, targets, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -138,3 +138,25 @@ def test_sample_table_shows_both_policies_with_gold():
     lines = table.splitlines()
     assert len(lines) == 4
     assert "*(empty)* (-2.00)" in lines[3] and "c (+0.60)" in lines[3]
+
+
+def _eval(gold_mean, distinct_2, kl=None):
+    summary = {"gold_mean": gold_mean, "distinct_2": distinct_2}
+    if kl is not None:
+        summary["kl_mean"] = kl
+    return {"summary": summary}
+
+
+def test_targets_compare_each_figure_with_the_issue_threshold():
+    results = {
+        "win_rate": {"rate": 0.85},
+        "evals": {"SFT": _eval(0.3, 0.6), "PPO": _eval(0.8, 0.25, kl=12.0)},
+        "reward_model": {"eval_accuracy": 0.70, "bayes_optimal_accuracy": 0.72},
+    }
+    met = {t["name"]: t["met"] for t in targets(results)}
+    assert met == {
+        "PPO beats SFT (gold, pairwise)": True,
+        "KL(PPO || SFT) per response": False,
+        "no collapse in distinct-2 (PPO >= 0.5 x SFT)": False,
+        "RM held-out accuracy within 3 points of Bayes-optimal": True,
+    }

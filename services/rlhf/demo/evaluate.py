@@ -16,6 +16,20 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlhf.core.chat import encode_prompt
+from rlhf.core.models import causal_lm_logits, load_causal_lm, load_tokenizer
+from rlhf.demo.config import DemoConfig
+from rlhf.demo.sampling import Generated, sample
+from rlhf.demo.task import gold_score
+from rlhf.feedback import records as rec
+from rlhf.feedback.client import FeedbackClient
+from rlhf.generation.client import PolicyClient
+from rlhf.reward.client import RewardClient
+from rlhf.v1 import feedback_pb2
 
 _TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
@@ -162,10 +176,6 @@ def reference_logprobs(
 ) -> list[list[float]]:
     """Token logprobs of each response under ``model`` (a causal LM): log-softmax(logits / temperature) at each
     response token, the generation service's LOGPROBS_MODE_TEMPERATURE convention. Right padding."""
-    import torch
-
-    from rlhf.core.models import causal_lm_logits
-
     out: list[list[float]] = []
     for start in range(0, len(prompt_ids), batch_size):
         rows = [
@@ -289,3 +299,123 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
         return r
 
     return pearson(ranks(x), ranks(y))
+
+
+# ---- evaluating through the services ------------------------------------------------------------------------
+
+
+def eval_comparisons(store: FeedbackClient, snapshot: str) -> list[feedback_pb2.Comparison]:
+    """The snapshot's held-out two-way comparisons of two different replies."""
+    comparisons = [
+        rec.exported_record(m) for m in store.export(snapshot=snapshot, split="eval", kinds=["comparison"])
+    ]
+    return [c for c in comparisons if len(c.responses) == 2 and c.responses[0].text != c.responses[1].text]
+
+
+def score_comparisons(
+    rm_client: RewardClient, comparisons: Sequence[feedback_pb2.Comparison]
+) -> list[tuple[float, float]]:
+    """The served reward model's scores of each comparison's two replies (a reply in several comparisons is
+    scored once)."""
+    items = []
+    for c in comparisons:
+        prompt = rec.prompt_value(c.prompt)
+        items += [(prompt, c.responses[0].text), (prompt, c.responses[1].text)]
+    distinct = list(dict.fromkeys(items))
+    score_of = dict(zip(distinct, rm_client.score(distinct), strict=True))
+    scores = [score_of[item] for item in items]
+    return list(zip(scores[::2], scores[1::2], strict=True))
+
+
+def _policy_eval(
+    name: str,
+    samples: Sequence[Generated],
+    sample_prompts: Sequence[str],
+    rm_client: RewardClient,
+    kl: list[float] | None,
+    *,
+    seed: int,
+    group: int,
+) -> PolicyEval:
+    texts = [s.text for s in samples]
+    return summarize(
+        name,
+        texts,
+        [gold_score(s.text, finished=s.finished) for s in samples],
+        [len(s.token_ids) for s in samples],
+        [s.finished for s in samples],
+        kl=kl,
+        rm_scores=rm_client.score(list(zip(sample_prompts, texts, strict=True))),
+        seed=seed,
+        group=group,
+    )
+
+
+def _comparison_figures(evals: dict[str, PolicyEval], prompts: int, k: int, seed: int) -> dict:
+    """Win rates (PPO over SFT, SFT over base) and how the RM's scores follow gold over every sample."""
+    ppo, sft, base = evals["PPO"], evals["SFT"], evals["base"]
+    win, lo, hi = win_rate_ci(ppo.gold, sft.gold, group=k, seed=seed)
+    sft_win, sft_lo, sft_hi = win_rate_ci(sft.gold, base.gold, group=k, seed=seed)
+    all_gold = [g for e in evals.values() for g in e.gold]
+    all_rm = [r for e in evals.values() for r in (e.rm_scores or [])]
+    return {
+        "win_rate": {
+            "name": "PPO over SFT by gold",
+            "rate": win,
+            "low": lo,
+            "high": hi,
+            "n": prompts,
+            "samples_per_prompt": k,
+            # where the wins come from: against SFT replies that ended on their own vs. ones the length
+            # limit cut off (the cut-off penalty alone decides most of the latter)
+            "by_sft_reply": win_rate_by(
+                ppo.gold, sft.gold, ["finished" if f else "cut_off" for f in sft.finished], group=k
+            ),
+        },
+        "sft_win_rate": {"name": "SFT over base by gold", "rate": sft_win, "low": sft_lo, "high": sft_hi},
+        "rm_vs_gold": {"spearman": spearman(all_gold, all_rm), "pearson": pearson(all_gold, all_rm)},
+    }
+
+
+def evaluate_policies(
+    settings: DemoConfig,
+    policy: PolicyClient,
+    rm_client: RewardClient,
+    prompts: list[str],
+    models: dict[str, Path],
+    *,
+    reference: Path,
+) -> dict:
+    """``settings.eval_samples`` samples per eval prompt from each of ``models`` (base, SFT, PPO; loaded into
+    the generation service in turn): gold, RM scores, lengths, distinct-n; KL to the reference (SFT) model per
+    response, from token logprobs. Samples are kept prompt-major (the k samples of prompt i at i*k ... i*k+k-1)."""
+    k = settings.eval_samples
+    tokenizer = load_tokenizer(reference)
+    ref_model = load_causal_lm(reference)
+    prompt_ids = [ids for p in prompts for ids in [encode_prompt(tokenizer, p)] * k]
+    sample_prompts = [p for p in prompts for _ in range(k)]
+    evals: dict[str, PolicyEval] = {}
+    version = int(policy.model_info().version or 0)
+    # PPO's weights are the ones being served now: evaluate it first, then load the others.
+    for name in ["PPO", *[n for n in models if n != "PPO"]]:
+        if name != "PPO":
+            version = policy.update_weights(version=version + 1, checkpoint_path=str(models[name]))
+        groups = sample(settings, policy, prompts, n=k, seed_stream=7, desc=f"eval {name}")
+        samples = [s for group in groups for s in group]
+        kl = None
+        if name != "SFT":
+            ref_lp = reference_logprobs(
+                ref_model,
+                prompt_ids,
+                [s.token_ids for s in samples],
+                temperature=settings.temperature,
+                pad_id=tokenizer.pad_token_id or 0,
+            )
+            kl = kl_per_response([s.logprobs for s in samples], ref_lp)
+        evals[name] = _policy_eval(name, samples, sample_prompts, rm_client, kl, seed=settings.seed, group=k)
+    ordered = {n: evals[n] for n in ("base", "SFT", "PPO") if n in evals}
+    return {
+        "evals": {n: e.to_dict() for n, e in ordered.items()},
+        "eval_samples": k,
+        **_comparison_figures(ordered, len(prompts), k, settings.seed),
+    }

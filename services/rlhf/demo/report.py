@@ -15,6 +15,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from rlhf.core.files import atomic_write_text
+from rlhf.demo.evaluate import spearman
+
 # Panels of the PPO plot: (title, candidate keys in metrics.jsonl, first found wins).
 CURVE_PANELS: list[tuple[str, tuple[str, ...]]] = [
     ("reward (RM score, mean)", ("reward_mean", "score_mean", "reward", "rlhf_ppo_reward_mean")),
@@ -139,8 +142,6 @@ def plot_gold_distributions(scores: dict[str, Sequence[float]], out: str | Path)
 
 def plot_rm_vs_gold(points: dict[str, tuple[Sequence[float], Sequence[float]]], out: str | Path) -> Path:
     """Scatter of (gold, RM score) per policy, with the rank correlation over all points in the title."""
-    from rlhf.demo.evaluate import spearman
-
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4.5))
     xs_all, ys_all = [], []
@@ -232,6 +233,55 @@ def _pair_kind_table(by_kind: dict[str, dict]) -> str:
             f"{_fmt(part.get('label_gold_agreement'))} |"
         )
     return "\n".join(lines)
+
+
+def targets(results: dict) -> list[dict]:
+    """The issue's targets for the default demo, each with what this run reached."""
+    out = []
+    win = results.get("win_rate")
+    if win:
+        out.append(
+            {
+                "name": "PPO beats SFT (gold, pairwise)",
+                "wanted": ">= 80%",
+                "reached": f"{win['rate']:.1%}",
+                "met": win["rate"] >= 0.8,
+            }
+        )
+    evals = results.get("evals", {})
+    ppo, sft = evals.get("PPO"), evals.get("SFT")
+    if ppo and "kl_mean" in ppo["summary"]:
+        kl = ppo["summary"]["kl_mean"]
+        out.append(
+            {
+                "name": "KL(PPO || SFT) per response",
+                "wanted": "<= 10 nats",
+                "reached": f"{kl:.2f}",
+                "met": kl <= 10,
+            }
+        )
+    if ppo and sft:
+        d_ppo, d_sft = ppo["summary"]["distinct_2"], sft["summary"]["distinct_2"]
+        out.append(
+            {
+                "name": "no collapse in distinct-2 (PPO >= 0.5 x SFT)",
+                "wanted": f">= {0.5 * d_sft:.3f}",
+                "reached": f"{d_ppo:.3f}",
+                "met": d_ppo >= 0.5 * d_sft,
+            }
+        )
+    rm = results.get("reward_model", {})
+    if rm.get("eval_accuracy") is not None and rm.get("bayes_optimal_accuracy") is not None:
+        gap = rm["bayes_optimal_accuracy"] - rm["eval_accuracy"]
+        out.append(
+            {
+                "name": "RM held-out accuracy within 3 points of Bayes-optimal",
+                "wanted": f">= {rm['bayes_optimal_accuracy'] - 0.03:.3f}",
+                "reached": f"{rm['eval_accuracy']:.3f} (Bayes {rm['bayes_optimal_accuracy']:.3f})",
+                "met": gap <= 0.03,
+            }
+        )
+    return out
 
 
 def write_report(run_dir: str | Path, results: dict) -> Path:
@@ -362,5 +412,5 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
     report = run_dir / "report.md"
-    report.write_text("\n".join(lines))
+    atomic_write_text(report, "\n".join(lines))
     return report

@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from rlhf.v1 import common_pb2
+
 PROMPTS_FILE = Path(__file__).parent / "data" / "prompts.jsonl"
 SPLITS = ("train", "eval", "all")
 
@@ -163,6 +165,4 @@ def gold_scores(
 
 def sample_finished(sample) -> bool:
     """Whether a generation ``Sample`` ended on its own (end-of-turn token or a stop string), not the length cap."""
-    from rlhf.v1 import common_pb2
-
     return sample.finish_reason in (common_pb2.FINISH_REASON_STOP, common_pb2.FINISH_REASON_STOP_STRING)

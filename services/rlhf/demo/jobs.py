@@ -1,0 +1,146 @@
+"""The demo's wiring: the three services started as local processes, the base model, and the SFT, reward
+model and PPO trainer jobs run in this process against those services, configured from ``DemoConfig``."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from rlhf.core.launcher import Launcher, ServiceProcess
+from rlhf.core.models import make_tiny_causal_lm, resolve_model_path
+from rlhf.demo.config import DemoConfig
+from rlhf.trainer.config import PPOConfig, RewardModelConfig, SFTConfig
+from rlhf.trainer.ppo import run_ppo
+from rlhf.trainer.reward_model import run_reward_model
+from rlhf.trainer.sft import run_sft
+
+
+def threads_env(threads: int) -> dict[str, str]:
+    """Environment of every process the demo starts: its torch threads, offline Hugging Face."""
+    return {
+        "RLHF_TORCH_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+
+
+def base_model_path(settings: DemoConfig, run_dir: Path) -> Path:
+    """The base model's folder: SmolLM2, a tiny random Llama built into the run folder, or the one given."""
+    if settings.model == "tiny":
+        folder = run_dir / "models" / "base"
+        if not (folder / "config.json").exists():
+            make_tiny_causal_lm(folder, seed=settings.seed)
+        return folder
+    return resolve_model_path(settings.model)
+
+
+def start_services(
+    launcher: Launcher, settings: DemoConfig, run_dir: Path, base: Path
+) -> dict[str, ServiceProcess]:
+    """The feedback store (SQLite in the run folder), the generation service serving ``base`` and an empty
+    reward service, started side by side: each spends its first seconds importing torch and loading a model."""
+    common = ["--torch-threads", str(settings.torch_threads), "--log-level", "WARNING"]
+    specs = {
+        "feedback": ["--database-url", f"sqlite:///{run_dir / 'feedback.db'}", *common],
+        "generation": [
+            "--model",
+            str(base),
+            "--max-batch-size",
+            str(max(16, settings.generation_batch)),
+            "--max-new-tokens-limit",
+            str(max(64, settings.response_length)),
+            *common,
+        ],
+        "reward": [*common],
+    }
+    with ThreadPoolExecutor(max_workers=len(specs)) as starter:
+        futures = {
+            name: starter.submit(launcher.start, name, ["serve", name], args=args)
+            for name, args in specs.items()
+        }
+        return {name: f.result() for name, f in futures.items()}
+
+
+def _job_common(settings: DemoConfig, feedback_target: str) -> dict:
+    return dict(
+        port=0,
+        metrics_port=-1,
+        host="127.0.0.1",
+        feedback_target=feedback_target,
+        seed=settings.seed,
+        torch_threads=settings.torch_threads,
+        device="cpu",
+        max_length=settings.max_length,
+        eval_every=0,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        progress=settings.progress,
+        log_level="WARNING",
+    )
+
+
+def train_sft(settings: DemoConfig, base: Path, feedback_target: str, snapshot: str, run_dir: Path) -> Path:
+    sft_cfg = SFTConfig(
+        **_job_common(settings, feedback_target),
+        run_dir=str(run_dir / "sft"),
+        model=str(base),
+        snapshot=snapshot,
+        epochs=settings.sft_epochs,
+        learning_rate=settings.sft_learning_rate,
+        batch_size=settings.sft_batch_size,
+        micro_batch_size=settings.sft_batch_size,
+        lr_scheduler="linear",
+    )
+    return Path(run_sft(sft_cfg))
+
+
+def train_reward_model(
+    settings: DemoConfig, sft_path: Path, feedback_target: str, snapshot: str, run_dir: Path
+) -> Path:
+    rm_cfg = RewardModelConfig(
+        **_job_common(settings, feedback_target),
+        run_dir=str(run_dir / "reward_model"),
+        model=str(sft_path),
+        snapshot=snapshot,
+        epochs=settings.rm_epochs,
+        learning_rate=settings.rm_learning_rate,
+        head_learning_rate=settings.head_learning_rate,
+        trainable_layers=settings.trainable_layers,
+        group_by_prompt=settings.group_by_prompt,
+        batch_size=settings.rm_batch_size,
+        micro_batch_size=settings.rm_batch_size,
+        eval_batch_size=32,
+        version=f"demo-rm-s{settings.seed}",
+    )
+    return Path(run_reward_model(rm_cfg))
+
+
+def train_ppo(
+    settings: DemoConfig, sft_path: Path, services: dict[str, ServiceProcess], snapshot: str, run_dir: Path
+) -> tuple[Path, Path]:
+    """PPO from the SFT model against the demo's generation and reward services; (final model, metrics file)."""
+    ppo_cfg = PPOConfig(
+        **_job_common(settings, services["feedback"].target),
+        run_dir=str(run_dir / "ppo"),
+        model=str(sft_path),
+        snapshot=snapshot,
+        prompt_kinds=["prompt"],
+        generation_target=services["generation"].target,
+        reward_target=services["reward"].target,
+        batch_size=settings.ppo_rollouts,
+        micro_batch_size=settings.ppo_rollouts,
+        response_length=settings.response_length,
+        temperature=settings.temperature,
+        max_steps=settings.ppo_iterations,
+        learning_rate=settings.ppo_learning_rate,
+        kl_coef=settings.kl_coef,
+        adaptive_kl=settings.target_kl is not None,
+        **({"target_kl": settings.target_kl} if settings.target_kl is not None else {}),
+        advantage_estimator=settings.advantage_estimator,
+        samples_per_prompt=settings.samples_per_prompt,
+        num_ppo_epochs=settings.num_ppo_epochs,
+        num_mini_batches=settings.num_mini_batches,
+    )
+    return Path(run_ppo(ppo_cfg)), run_dir / "ppo" / "metrics.jsonl"
