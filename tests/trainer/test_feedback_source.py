@@ -10,7 +10,7 @@ from rlhf.feedback import records as rec
 from rlhf.feedback.client import FeedbackClient
 from rlhf.trainer.config import RewardModelConfig, SFTConfig
 from rlhf.trainer.data import load_comparisons, load_demonstrations
-from rlhf.trainer.job import read_metrics
+from rlhf.trainer.metrics import read_metrics
 from rlhf.trainer.sft import run_sft
 
 

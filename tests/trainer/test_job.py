@@ -13,7 +13,8 @@ import torch
 
 from rlhf.core.client import make_channel
 from rlhf.trainer.config import SFTConfig
-from rlhf.trainer.job import JobStopped, TrainJob, read_metrics
+from rlhf.trainer.job import JobStopped, TrainJob
+from rlhf.trainer.metrics import read_metrics
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from rlhf.core.client import make_channel
 from rlhf.trainer.config import SFTConfig
-from rlhf.trainer.job import read_metrics
+from rlhf.trainer.metrics import read_metrics
 from rlhf.trainer.sft import run_sft
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
 

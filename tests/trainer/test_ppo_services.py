@@ -22,7 +22,7 @@ import torch
 
 from rlhf.core.launcher import Launcher
 from rlhf.trainer.config import PPOConfig
-from rlhf.trainer.job import read_metrics
+from rlhf.trainer.metrics import read_metrics
 
 PREFERRED_LETTER = "e"
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

@@ -11,7 +11,7 @@ from rlhf.core.models import load_reward_model, load_tokenizer, reward_forward
 from rlhf.reward.checkpoint import read_reward_metadata
 from rlhf.trainer.config import RewardModelConfig
 from rlhf.trainer.data import load_comparisons
-from rlhf.trainer.job import read_metrics
+from rlhf.trainer.metrics import read_metrics
 from rlhf.trainer.reward_model import bradley_terry_loss_sum, run_reward_model
 
 

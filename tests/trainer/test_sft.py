@@ -8,7 +8,7 @@ from rlhf.core.models import load_causal_lm, load_tokenizer
 from rlhf.trainer.config import SFTConfig
 from rlhf.trainer.data import load_demonstrations
 from rlhf.trainer.distributed import DistInfo
-from rlhf.trainer.job import read_metrics
+from rlhf.trainer.metrics import read_metrics
 from rlhf.trainer.sft import encode_all, evaluate_loss, run_sft
 
 

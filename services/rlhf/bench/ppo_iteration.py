@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.core.launcher import Launcher
-from rlhf.trainer.job import read_metrics
+from rlhf.trainer.metrics import read_metrics
 
 log = logging.getLogger("rlhf.bench.ppo_iteration")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from rlhf.bench.results import write_result
 from rlhf.core.models import resolve_model_path
 from rlhf.trainer.config import RewardModelConfig, SFTConfig
-from rlhf.trainer.job import read_metrics
+from rlhf.trainer.metrics import read_metrics
 from rlhf.trainer.reward_model import run_reward_model
 from rlhf.trainer.sft import run_sft
 

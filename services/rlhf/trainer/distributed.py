@@ -94,3 +94,27 @@ def wrap(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without an initialized process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if rank_and_world_size()[1] > 1:
+        dist.barrier()
+
+
+def any_over_ranks(*flags: bool) -> list[bool]:
+    """Flags OR-ed over all ranks (collective: every rank calls it with as many flags)."""
+    if rank_and_world_size()[1] == 1:
+        return list(flags)
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces CUDA tensors only
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(x) for x in tensor.tolist()]
