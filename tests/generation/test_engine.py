@@ -10,7 +10,8 @@ import torch
 from rlhf.core.chat import encode_prompt
 from rlhf.core.errors import ResourceExhausted
 from rlhf.core.models import load_causal_lm, load_tokenizer
-from rlhf.generation.engine import CANCELLED, LENGTH, Engine, EngineRequest
+from rlhf.generation.engine import Engine
+from rlhf.generation.requests import CANCELLED, LENGTH, EngineRequest
 from rlhf.generation.sampling import SamplingParams
 
 

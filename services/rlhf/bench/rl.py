@@ -36,6 +36,11 @@ VENVS = {
     "trl-1.16": ["trl==1.16.0"],
     "trl-0.11.4": ["trl==0.11.4", "transformers==4.46.3", "accelerate==1.0.1", "datasets<3.2", "rich"],
 }
+# result key -> (venv, script, the script's flag for the number of iterations)
+BASELINES = {
+    "trl_grpo": ("trl-1.16", "trl_grpo.py", "--steps"),
+    "trl_ppov2": ("trl-0.11.4", "trl_ppov2.py", "--iterations"),
+}
 
 
 def ensure_venv(name: str) -> Path:
@@ -176,20 +181,10 @@ def run(
     }
     if "ours" in which:
         result["ours"] = run_ours(model_dir, rm_dir, prompts_json, iterations, workdir)
-    if "trl_grpo" in which:
-        result["trl_grpo"] = run_baseline(
-            "trl-1.16",
-            "trl_grpo.py",
-            [*common, "--steps", str(iterations), "--threads", str(THREADS)],
-            workdir,
-        )
-    if "trl_ppov2" in which:
-        result["trl_ppov2"] = run_baseline(
-            "trl-0.11.4",
-            "trl_ppov2.py",
-            [*common, "--iterations", str(iterations), "--threads", str(THREADS)],
-            workdir,
-        )
+    for key, (venv, script, iterations_flag) in BASELINES.items():
+        if key in which:
+            args = [*common, iterations_flag, str(iterations), "--threads", str(THREADS)]
+            result[key] = run_baseline(venv, script, args, workdir)
     ours = result.get("ours")
     if ours:
         for key in ("trl_grpo", "trl_ppov2"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf.core.server import client_options
 
@@ -127,6 +128,17 @@ def make_channel(
     return grpc.intercept_channel(channel, *interceptors) if interceptors else channel
 
 
+def _retry_delay(exc: grpc.RpcError, policy: RetryPolicy, start: float, backoffs, what: str) -> float | None:
+    """Seconds to wait before trying again, or None when ``exc`` is final (a code not retried, or out of time)."""
+    code = exc.code() if hasattr(exc, "code") else None
+    elapsed = time.monotonic() - start
+    if code not in policy.retryable or elapsed >= policy.retry_timeout:
+        return None
+    delay = min(next(backoffs), max(0.0, policy.retry_timeout - elapsed))
+    log.warning("%s failed with %s (%s); retrying in %.2fs", what, code.name, exc.details(), delay)
+    return delay
+
+
 def call_with_retry(fn: Callable[[], T], policy: RetryPolicy | None = None, what: str = "call") -> T:
     """Run ``fn`` (a blocking gRPC call) and retry it on retryable codes per ``policy``."""
     policy = policy or RetryPolicy()
@@ -136,12 +148,9 @@ def call_with_retry(fn: Callable[[], T], policy: RetryPolicy | None = None, what
         try:
             return fn()
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            elapsed = time.monotonic() - start
-            if code not in policy.retryable or elapsed >= policy.retry_timeout:
+            delay = _retry_delay(exc, policy, start, backoffs, what)
+            if delay is None:
                 raise
-            delay = min(next(backoffs), max(0.0, policy.retry_timeout - elapsed))
-            log.warning("%s failed with %s (%s); retrying in %.2fs", what, code.name, exc.details(), delay)
             time.sleep(delay)
 
 
@@ -156,12 +165,9 @@ async def acall_with_retry(
         try:
             return await fn()
         except grpc.RpcError as exc:
-            code = exc.code() if hasattr(exc, "code") else None
-            elapsed = time.monotonic() - start
-            if code not in policy.retryable or elapsed >= policy.retry_timeout:
+            delay = _retry_delay(exc, policy, start, backoffs, what)
+            if delay is None:
                 raise
-            delay = min(next(backoffs), max(0.0, policy.retry_timeout - elapsed))
-            log.warning("%s failed with %s (%s); retrying in %.2fs", what, code.name, exc.details(), delay)
             await asyncio.sleep(delay)
 
 
@@ -169,8 +175,6 @@ def wait_for_serving(
     target: str, timeout: float = 120.0, service: str = "", token: str | None = None
 ) -> None:
     """Block until the standard health service at ``target`` reports SERVING (raises TimeoutError)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     deadline = time.monotonic() + timeout
     with make_channel(target, token=token) as channel:
         stub = health_pb2_grpc.HealthStub(channel)

@@ -17,10 +17,23 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
+from filelock import FileLock
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tokenizer_models
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    PreTrainedTokenizerFast,
+)
+
+from rlhf.core.files import atomic_folder
 
 log = logging.getLogger("rlhf.core.models")
 
@@ -82,7 +95,6 @@ def resolve_model_path(ref: str | os.PathLike | None = None) -> Path:
     target = default_model_dir()
     if _conversion_is_current(target):
         return target
-    from filelock import FileLock
 
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(target) + ".lock", timeout=600):
@@ -114,8 +126,6 @@ def _gguf_folder() -> Path:
 
 
 def _convert_default_model(target: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = _gguf_folder()
     log.info("converting %s to safetensors in %s (once)", GGUF_FILE, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
@@ -134,25 +144,16 @@ def _convert_default_model(target: Path) -> None:
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
         config.bos_token_id = tokenizer.bos_token_id
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "rlhf_conversion.json").write_text(
-        json.dumps({"version": CONVERSION_VERSION, "source": GGUF_FILE})
-    )
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "rlhf_conversion.json").write_text(
+            json.dumps({"version": CONVERSION_VERSION, "source": GGUF_FILE})
+        )
 
 
 def load_tokenizer(ref: str | os.PathLike | None = None):
     """The tokenizer of a model folder, with a pad token (the EOS token when the model has none)."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(ref))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -160,8 +161,6 @@ def load_tokenizer(ref: str | os.PathLike | None = None):
 
 
 def load_causal_lm(ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(ref), dtype=dtype)
     model.eval()
     return model
@@ -169,8 +168,6 @@ def load_causal_lm(ref: str | os.PathLike | None = None, dtype: torch.dtype = to
 
 def load_reward_model(ref: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """A reward-model checkpoint (``AutoModelForSequenceClassification`` with one label)."""
-    from transformers import AutoModelForSequenceClassification
-
     model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(ref), dtype=dtype)
     if model.config.num_labels != 1:
         raise ValueError(f"{ref} has {model.config.num_labels} labels; a reward model has exactly one")
@@ -182,8 +179,6 @@ def init_reward_model_from_causal_lm(
     ref: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
 ):
     """A reward model whose backbone is the causal LM's and whose scalar head starts at zero."""
-    from transformers import AutoModelForSequenceClassification
-
     path = resolve_model_path(ref)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
     head = score_head(model)
@@ -260,10 +255,7 @@ TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
 
 def build_tiny_tokenizer(vocab_size: int = 384):
     """A small byte-level BPE tokenizer with ChatML specials and chat template (EOS ``<|im_end|>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
+    tok = Tokenizer(tokenizer_models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -285,8 +277,6 @@ def build_tiny_tokenizer(vocab_size: int = 384):
 
 
 def tiny_llama_config(tokenizer, **overrides):
-    from transformers import LlamaConfig
-
     kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -306,8 +296,6 @@ def tiny_llama_config(tokenizer, **overrides):
 
 def make_tiny_causal_lm(folder: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:
     """Save a tiny random Llama causal LM and its tokenizer to ``folder``; returns the folder."""
-    from transformers import LlamaForCausalLM
-
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)
@@ -321,8 +309,6 @@ def make_tiny_causal_lm(folder: str | os.PathLike, seed: int = 0, **config_overr
 
 def make_tiny_reward_model(folder: str | os.PathLike, seed: int = 0, **config_overrides) -> Path:
     """Save a tiny random Llama reward model (one-label sequence classifier) and tokenizer to ``folder``."""
-    from transformers import LlamaForSequenceClassification
-
     folder = Path(folder)
     tokenizer = build_tiny_tokenizer()
     torch.manual_seed(seed)

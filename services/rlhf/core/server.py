@@ -36,6 +36,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from rlhf.core.config import ServerConfig
 from rlhf.core.errors import ServiceError
+from rlhf.core.files import atomic_write_text
 from rlhf.core.logs import log_fields, setup_logging
 
 log = logging.getLogger("rlhf.server")
@@ -144,90 +145,79 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = handler_call_details.method
-        service, name = _split_method(method)
-        auth_error = self._check_auth(method, handler_call_details.invocation_metadata)
-        gated = not (method.startswith(f"/{HEALTH_SERVICE}/") or method.startswith(REFLECTION_PREFIXES))
-        ready = self._ready
-
-        async def guard(context) -> None:
-            if auth_error:
-                await context.abort(grpc.StatusCode.UNAUTHENTICATED, auth_error)
-            if gated and not ready.is_set():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is loading; retry shortly")
-
-        async def check_decoded(request, context) -> None:
-            if isinstance(request, UndecodableRequest):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-
-        def finish(context, start: float, code: grpc.StatusCode | None) -> None:
-            code_name = (code or context.code() or grpc.StatusCode.OK).name
-            RPC_REQUESTS.labels(service, name, code_name).inc()
-            RPC_LATENCY.labels(service, name, code_name).observe(time.perf_counter() - start)
-            RPC_IN_FLIGHT.labels(service, name).dec()
-
-        async def translate(exc: ServiceError, context) -> None:
-            await context.abort(exc.code, exc.message)
+        rpc = _ObservedRpc(
+            method,
+            auth_error=self._check_auth(method, handler_call_details.invocation_metadata),
+            gated=not (method.startswith(f"/{HEALTH_SERVICE}/") or method.startswith(REFLECTION_PREFIXES)),
+            ready=self._ready,
+        )
 
         def wrap_unary(behavior):
             async def wrapper(request, context):
-                start = time.perf_counter()
-                RPC_IN_FLIGHT.labels(service, name).inc()
-                code = None
-                try:
-                    await guard(context)
-                    await check_decoded(request, context)
-                    try:
-                        return await behavior(request, context)
-                    except ServiceError as exc:
-                        code = exc.code
-                        await translate(exc, context)
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except Exception as exc:
-                    if not isinstance(exc, grpc.aio.AbortError):
-                        code = grpc.StatusCode.INTERNAL
-                        log.exception("unhandled error in %s", method)
-                        await context.abort(
-                            grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-                        )
-                    raise
-                finally:
-                    finish(context, start, code)
+                async with rpc.observed(request, context):
+                    return await behavior(request, context)
 
             return wrapper
 
         def wrap_stream(behavior):
             async def wrapper(request, context):
-                start = time.perf_counter()
-                RPC_IN_FLIGHT.labels(service, name).inc()
-                code = None
-                try:
-                    await guard(context)
-                    await check_decoded(request, context)
-                    try:
-                        async for response in behavior(request, context):
-                            yield response
-                    except ServiceError as exc:
-                        code = exc.code
-                        await translate(exc, context)
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                except Exception as exc:
-                    if not isinstance(exc, grpc.aio.AbortError):
-                        code = grpc.StatusCode.INTERNAL
-                        log.exception("unhandled error in %s", method)
-                        await context.abort(
-                            grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
-                        )
-                    raise
-                finally:
-                    finish(context, start, code)
+                async with rpc.observed(request, context):
+                    async for response in behavior(request, context):
+                        yield response
 
             return wrapper
 
         return _wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+class _ObservedRpc:
+    """One RPC method's checks (auth, readiness, decodable request), error translation and metrics."""
+
+    def __init__(self, method: str, *, auth_error: str | None, gated: bool, ready: asyncio.Event):
+        self.method = method
+        self.service, self.name = _split_method(method)
+        self.auth_error = auth_error
+        self.gated = gated
+        self.ready = ready
+
+    async def check(self, request, context) -> None:
+        if self.auth_error:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.auth_error)
+        if self.gated and not self.ready.is_set():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is loading; retry shortly")
+        if isinstance(request, UndecodableRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+    @contextlib.asynccontextmanager
+    async def observed(self, request, context):
+        """Around the handler: checks first; a ServiceError becomes its status, anything else INTERNAL."""
+        start = time.perf_counter()
+        RPC_IN_FLIGHT.labels(self.service, self.name).inc()
+        code = None
+        try:
+            await self.check(request, context)
+            try:
+                yield
+            except ServiceError as exc:
+                code = exc.code
+                await context.abort(exc.code, exc.message)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if not isinstance(exc, grpc.aio.AbortError):
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error in %s", self.method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self.finish(context, start, code)
+
+    def finish(self, context, start: float, code: grpc.StatusCode | None) -> None:
+        code_name = (code or context.code() or grpc.StatusCode.OK).name
+        RPC_REQUESTS.labels(self.service, self.name, code_name).inc()
+        RPC_LATENCY.labels(self.service, self.name, code_name).observe(time.perf_counter() - start)
+        RPC_IN_FLIGHT.labels(self.service, self.name).dec()
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, Any]]:
@@ -355,9 +345,10 @@ async def run_server(
 
 
 def _write_port_file(path: str, handle: ServerHandle) -> None:
-    tmp = Path(path).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"port": handle.port, "metrics_port": handle.metrics_port, "pid": os.getpid()}))
-    tmp.replace(path)  # atomic: readers never see a half-written file
+    # readers (the launcher, tests) never see a half-written file
+    atomic_write_text(
+        path, json.dumps({"port": handle.port, "metrics_port": handle.metrics_port, "pid": os.getpid()})
+    )
 
 
 def serve_forever(config: ServerConfig, services: Sequence[ServiceDef], **kwargs) -> None:

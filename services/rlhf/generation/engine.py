@@ -19,136 +19,32 @@ How a request travels:
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import inspect
 import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from rlhf.core.errors import ResourceExhausted, ServiceError, Unavailable
 from rlhf.core.models import position_ids_from_mask
 from rlhf.generation import metrics as m
-from rlhf.generation.sampling import SamplingParams, row_generator, sample_rows
-from rlhf.v1 import common_pb2
+from rlhf.generation.kv_cache import concat_caches, left_pad, pad_cache_left, trim_cache_left
+from rlhf.generation.requests import (
+    CANCELLED,
+    LENGTH,
+    STOP,
+    STOP_STRING,
+    EngineRequest,
+    Sequence,
+    StreamDelta,
+)
+from rlhf.generation.sampling import sample_rows
 
 log = logging.getLogger("rlhf.generation.engine")
-
-STOP = common_pb2.FINISH_REASON_STOP
-LENGTH = common_pb2.FINISH_REASON_LENGTH
-STOP_STRING = common_pb2.FINISH_REASON_STOP_STRING
-CANCELLED = common_pb2.FINISH_REASON_CANCELLED
-
-
-@dataclass
-class Sequence:
-    """One sample being generated (a row of the batch while it runs)."""
-
-    request: EngineRequest
-    prompt_index: int
-    sample_index: int
-    prompt_ids: list[int]
-    generator: torch.Generator | None
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[float] = field(default_factory=list)
-    finish_reason: int = 0
-    text: str = ""
-    sent_tokens: int = 0  # streaming: tokens already sent
-    sent_chars: int = 0  # streaming: characters of text already sent
-    final_sent: bool = False  # streaming: the message with the finish reason went out
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason != 0
-
-
-@dataclass
-class StreamDelta:
-    """What one streamed message carries: the new tokens of one sample."""
-
-    prompt_index: int
-    sample_index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    finish_reason: int
-    policy_version: int
-
-
-class EngineRequest:
-    """A Generate call inside the engine: its sequences and the channel back to the event loop."""
-
-    def __init__(
-        self,
-        prompts: list[list[int]],
-        params: SamplingParams,
-        *,
-        loop: asyncio.AbstractEventLoop,
-        deadline: float | None = None,
-        stream: bool = False,
-        request_id: str = "",
-    ):
-        self.params = params
-        self.deadline = deadline  # time.monotonic() value, or None
-        self.stream = stream
-        self.request_id = request_id
-        self.loop = loop
-        self.events: asyncio.Queue = asyncio.Queue()
-        self.sequences = [
-            Sequence(self, i, j, list(ids), row_generator(params.seed, j, i) if not params.greedy else None)
-            for i, ids in enumerate(prompts)
-            for j in range(params.n)
-        ]
-        self.policy_version = -1
-        self.submitted_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.cancelled = False
-        self.done = False
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(len(s.prompt_ids) for s in self.sequences)
-
-    @property
-    def completion_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.sequences)
-
-    def cancel(self) -> None:
-        """Called from the event loop when the caller went away; the engine drops the rows at its next step."""
-        self.cancelled = True
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-    def _post(self, event) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
-
-    async def result(self) -> list[Sequence]:
-        """Wait for every sequence to finish (unary Generate)."""
-        while True:
-            kind, payload = await self.events.get()
-            if kind == "done":
-                return self.sequences
-            if kind == "error":
-                raise payload
-
-    async def deltas(self):
-        """Yield lists of StreamDelta as the engine produces them (GenerateStream)."""
-        while True:
-            kind, payload = await self.events.get()
-            if kind == "deltas":
-                yield payload
-            elif kind == "done":
-                return
-            elif kind == "error":
-                raise payload
 
 
 class PendingSwap:
@@ -156,44 +52,6 @@ class PendingSwap:
         self.tensors = tensors
         self.version = version
         self.future: concurrent.futures.Future = concurrent.futures.Future()
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-def _cache_layers(cache) -> list:
-    return list(cache.layers)
-
-
-def _pad_cache_left(cache, extra: int) -> None:
-    if extra <= 0:
-        return
-    for layer in _cache_layers(cache):
-        k, v = layer.keys, layer.values
-        pad_k = k.new_zeros((*k.shape[:2], extra, k.shape[3]))
-        pad_v = v.new_zeros((*v.shape[:2], extra, v.shape[3]))
-        layer.keys = torch.cat([pad_k, k], dim=2)
-        layer.values = torch.cat([pad_v, v], dim=2)
-
-
-def _concat_caches(a, b) -> None:
-    """Append the rows of cache ``b`` to cache ``a`` (same sequence length)."""
-    for la, lb in zip(_cache_layers(a), _cache_layers(b), strict=True):
-        la.keys = torch.cat([la.keys, lb.keys], dim=0)
-        la.values = torch.cat([la.values, lb.values], dim=0)
-
-
-def _trim_cache_left(cache, start: int) -> None:
-    for layer in _cache_layers(cache):
-        layer.keys = layer.keys[:, :, start:, :]
-        layer.values = layer.values[:, :, start:, :]
 
 
 class Engine:
@@ -380,14 +238,12 @@ class Engine:
         return out.logits[:, -1, :], out.past_key_values
 
     def _prefill(self, requests: list[EngineRequest]) -> None:
-        from transformers import DynamicCache
-
         rows = [s for r in requests for s in r.sequences]
         for r in requests:
             r.policy_version = self.policy_version
         unique: dict[tuple[int, ...], int] = {}
         index = [unique.setdefault(tuple(s.prompt_ids), len(unique)) for s in rows]
-        ids, mask = _left_pad([list(p) for p in unique], self.pad_id)
+        ids, mask = left_pad([list(p) for p in unique], self.pad_id)
         m.BATCH_SIZE.observe(len(unique))
         logits, cache = self._forward(ids, mask, position_ids_from_mask(mask), DynamicCache())
         select = torch.tensor(index, dtype=torch.long)
@@ -400,14 +256,14 @@ class Engine:
         if self._rows:
             old_len, new_len = self._mask.shape[1], mask.shape[1]
             if old_len < new_len:
-                _pad_cache_left(self._cache, new_len - old_len)
+                pad_cache_left(self._cache, new_len - old_len)
                 self._mask = torch.cat(
                     [self._mask.new_zeros((len(self._rows), new_len - old_len)), self._mask], 1
                 )
             elif new_len < old_len:
-                _pad_cache_left(cache, old_len - new_len)
+                pad_cache_left(cache, old_len - new_len)
                 mask = torch.cat([mask.new_zeros((len(rows), old_len - new_len)), mask], 1)
-            _concat_caches(self._cache, cache)
+            concat_caches(self._cache, cache)
             self._mask = torch.cat([self._mask, mask], 0)
             self._pos = torch.cat([self._pos, pos], 0)
             self._next = torch.cat([self._next, torch.zeros(len(rows), dtype=torch.long)], 0)
@@ -504,7 +360,7 @@ class Engine:
         used = self._mask.any(0).nonzero()
         start = int(used[0]) if len(used) else 0
         if start > 0:
-            _trim_cache_left(self._cache, start)
+            trim_cache_left(self._cache, start)
             self._mask = self._mask[:, start:]
         m.REQUESTS_RUNNING.set(len({id(s.request) for s in self._rows}))
 

@@ -11,9 +11,12 @@ import asyncio
 import logging
 
 from rlhf.core.errors import FailedPrecondition, InvalidArgument, ServiceError
+from rlhf.core.models import set_torch_threads
 from rlhf.core.server import ServerHandle, ServiceDef, serve_forever
 from rlhf.generation import metrics as m
 from rlhf.generation.config import GenerationConfig
+from rlhf.generation.tgi_backend import TgiBackend
+from rlhf.generation.torch_backend import TorchBackend
 from rlhf.generation.validation import PreparedRequest, prepare_request
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
@@ -22,10 +25,7 @@ log = logging.getLogger("rlhf.generation")
 
 def make_backend(config: GenerationConfig):
     if config.backend == "tgi":
-        from rlhf.generation.tgi_backend import TgiBackend
-
         return TgiBackend(config)
-    from rlhf.generation.torch_backend import TorchBackend
 
     return TorchBackend(config)
 
@@ -148,8 +148,6 @@ def service_def(servicer: PolicyServicer) -> ServiceDef:
 
 def serve(config: GenerationConfig) -> int:
     """Blocking: serve until SIGTERM/SIGINT."""
-    from rlhf.core.models import set_torch_threads
-
     set_torch_threads(config.torch_threads)
     servicer = PolicyServicer(config)
     serve_forever(config, [service_def(servicer)], load=servicer.load, on_shutdown=servicer.shutdown)

@@ -32,7 +32,7 @@ from rlhf.core.errors import (
 from rlhf.core.models import load_tokenizer, resolve_model_path
 from rlhf.generation import metrics as m
 from rlhf.generation.config import GenerationConfig
-from rlhf.generation.engine import LENGTH, STOP, STOP_STRING, Sequence, StreamDelta
+from rlhf.generation.requests import LENGTH, STOP, STOP_STRING, Sequence, StreamDelta
 from rlhf.generation.sampling import MODE_TEMPERATURE, SamplingParams, sample_seed
 from rlhf.generation.torch_backend import check_min_version
 from rlhf.generation.validation import Limits, PreparedRequest

@@ -17,7 +17,8 @@ from rlhf.core.models import is_default_model, load_causal_lm, load_tokenizer, r
 from rlhf.generation import metrics as m
 from rlhf.generation import weights as w
 from rlhf.generation.config import GenerationConfig
-from rlhf.generation.engine import CANCELLED, Engine, EngineRequest, Sequence, StreamDelta
+from rlhf.generation.engine import Engine
+from rlhf.generation.requests import CANCELLED, EngineRequest, Sequence, StreamDelta
 from rlhf.generation.validation import Limits, PreparedRequest
 from rlhf.v1 import common_pb2, policy_pb2
 

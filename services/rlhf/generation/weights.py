@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load, save
 
 from rlhf.core.errors import InvalidArgument
 
@@ -89,8 +91,6 @@ def verify_tensors(tensors: dict[str, torch.Tensor], spec: ModelSpec, *, partial
 
 
 def tensors_from_bytes(data: bytes | bytearray) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load
-
     try:
         return load(bytes(data))
     except Exception as exc:
@@ -116,8 +116,6 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 def tensors_from_path(path_text: str, expected_sha256: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a .safetensors file or an HF folder (single file or sharded with an index)."""
-    from safetensors import safe_open
-
     path = Path(path_text).expanduser()
     if not path.exists():
         raise InvalidArgument("metadata.checkpoint_path", f"{path}: no such file or folder")
@@ -166,8 +164,6 @@ def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def serialize_state_dict(state_dict: dict[str, torch.Tensor]) -> bytes:
-    from safetensors.torch import save
-
     return save(unique_tensors(state_dict))
 
 

@@ -15,14 +15,14 @@ import os
 import sys
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf.core.client import RetryPolicy, make_channel
+from rlhf.reward.client import RewardClient
 
 
 def check_health(target: str, token: str | None, timeout: float) -> str:
     """'SERVING' or the reason it is not (the standard grpc.health.v1 service, overall status)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from rlhf.core.client import make_channel
-
     with make_channel(target, token=token) as channel:
         try:
             status = health_pb2_grpc.HealthStub(channel).Check(
@@ -37,9 +37,6 @@ def check_score(
     target: str, token: str | None, prompt: str, response: str, timeout: float
 ) -> tuple[bool, str]:
     """Score one pair; ok when the server returns exactly one finite score."""
-    from rlhf.core.client import RetryPolicy
-    from rlhf.reward.client import RewardClient
-
     with RewardClient(
         target, token=token, timeout=timeout, retry=RetryPolicy(retry_timeout=timeout)
     ) as client:

@@ -19,6 +19,8 @@ import math
 import os
 from pathlib import Path
 
+from rlhf.core.files import atomic_write_text
+
 METADATA_FILE = "rlhf_reward.json"
 FORMAT_VERSION = 1
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -90,9 +92,9 @@ def save_reward_checkpoint(
         "reward_std": reward_std,
         **extra,
     }
-    tmp = folder / (METADATA_FILE + ".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
-    tmp.replace(folder / METADATA_FILE)
+    atomic_write_text(
+        folder / METADATA_FILE, json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n"
+    )
     return folder
 
 

@@ -3,32 +3,22 @@
 usage: python trl_grpo.py MODEL_DIR RM_DIR PROMPTS_JSON OUT_JSON --steps N --threads T
 """
 
-import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import trl
-from _timing import StepTimer
+from _timing import StepTimer, baseline_parser, train_and_report
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("model_dir")
-    p.add_argument("rm_dir")
-    p.add_argument("prompts_json")
-    p.add_argument("out_json")
+    p = baseline_parser()
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompts-per-step", type=int, default=4)
     p.add_argument("--generations", type=int, default=4)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.7)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -69,21 +59,7 @@ def main():
             processing_class=tok,
             callbacks=[timer],
         )
-        start = time.perf_counter()
-        trainer.train()
-        total = time.perf_counter() - start
-    Path(a.out_json).write_text(
-        json.dumps(
-            {
-                "trainer": "GRPOTrainer",
-                "trl_version": trl.__version__,
-                "step_seconds": timer.step_seconds,
-                "total_seconds": total,
-                "rollouts_per_step": batch,
-                "torch_threads": a.threads,
-            }
-        )
-    )
+        train_and_report(trainer, timer, a.out_json, batch, a.threads)
 
 
 if __name__ == "__main__":

@@ -4,31 +4,21 @@ Policy, reference, reward and value models all load from the same checkpoint, 1 
 usage: python trl_ppov2.py MODEL_DIR RM_DIR PROMPTS_JSON OUT_JSON --iterations N --threads T
 """
 
-import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import trl
-from _timing import StepTimer
+from _timing import StepTimer, baseline_parser, train_and_report
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from trl import PPOv2Config, PPOv2Trainer
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("model_dir")
-    p.add_argument("rm_dir")
-    p.add_argument("prompts_json")
-    p.add_argument("out_json")
+    p = baseline_parser()
     p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rollouts", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--temperature", type=float, default=0.7)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -65,21 +55,7 @@ def main():
             train_dataset=ds,
             callbacks=[timer],
         )
-        start = time.perf_counter()
-        trainer.train()
-        total = time.perf_counter() - start
-    Path(a.out_json).write_text(
-        json.dumps(
-            {
-                "trainer": "PPOv2Trainer",
-                "trl_version": trl.__version__,
-                "step_seconds": timer.step_seconds,
-                "total_seconds": total,
-                "rollouts_per_step": a.rollouts,
-                "torch_threads": a.threads,
-            }
-        )
-    )
+        train_and_report(trainer, timer, a.out_json, a.rollouts, a.threads)
 
 
 def load_tokenizer(model_dir: str):
