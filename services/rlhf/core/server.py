@@ -263,6 +263,33 @@ class ServerHandle:
         self.stop_requested.set()
 
 
+def build_server(
+    config: ServerConfig, services: Sequence[ServiceDef], handle: ServerHandle
+) -> grpc.aio.Server:
+    """The gRPC server with the interceptor, ``services``, health and reflection, bound to its port (set on
+    ``handle``; TLS when the config names a certificate and key)."""
+    tokens = _read_tokens(config)
+    names = [s.name for s in services]
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(tokens, handle.ready)],
+        options=server_options(config),
+        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+    )
+    for s in services:
+        s.add_to_server(s.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(handle.health, server)
+    reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
+    address = f"{config.host}:{config.port}"
+    if config.tls_cert_file and config.tls_key_file:
+        creds = grpc.ssl_server_credentials(
+            [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())]
+        )
+        handle.port = server.add_secure_port(address, creds)
+    else:
+        handle.port = server.add_insecure_port(address)
+    return server
+
+
 async def run_server(
     config: ServerConfig,
     services: Sequence[ServiceDef],
@@ -278,26 +305,7 @@ async def run_server(
         sys.modules["torch"].set_num_threads(config.torch_threads)
     names = [s.name for s in services]
     handle = handle or ServerHandle(config, names)
-    tokens = _read_tokens(config)
-
-    server = grpc.aio.server(
-        interceptors=[ServerInterceptor(tokens, handle.ready)],
-        options=server_options(config),
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-    )
-    for s in services:
-        s.add_to_server(s.servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(handle.health, server)
-    reflection.enable_server_reflection([*names, HEALTH_SERVICE, reflection.SERVICE_NAME], server)
-
-    address = f"{config.host}:{config.port}"
-    if config.tls_cert_file and config.tls_key_file:
-        creds = grpc.ssl_server_credentials(
-            [(Path(config.tls_key_file).read_bytes(), Path(config.tls_cert_file).read_bytes())]
-        )
-        handle.port = server.add_secure_port(address, creds)
-    else:
-        handle.port = server.add_insecure_port(address)
+    server = build_server(config, services, handle)
     if config.metrics_port >= 0:
         http_server, _ = start_http_server(config.metrics_port, addr=config.metrics_host)
         handle.metrics_port = http_server.server_port
