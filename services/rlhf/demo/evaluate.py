@@ -8,6 +8,10 @@
   token logprobs with the same temperature convention as the generation service);
 * distinct-n over all responses (:func:`distinct_n`) and response lengths, so reward hacking (collapse to one
   phrase, padding) shows up next to the gold score.
+
+The end of the module measures through the services: :func:`evaluate_policies` samples base, SFT and PPO
+from the generation service and scores them with the reward service; :func:`eval_comparisons` and
+:func:`score_comparisons` give the reward model's scores of the held-out comparisons.
 """
 
 from __future__ import annotations

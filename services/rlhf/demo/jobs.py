@@ -63,11 +63,18 @@ def start_services(
         return {name: f.result() for name, f in futures.items()}
 
 
-def _job_common(settings: DemoConfig, feedback_target: str) -> dict:
+def _job_common(
+    settings: DemoConfig, run_dir: Path, job: str, *, model: Path, snapshot: str, feedback_target: str
+) -> dict:
+    """What every trainer job of the demo shares: on this machine's CPU, no own server or metrics port, no
+    intermediate checkpoints, its run folder ``run_dir/job``, its data a snapshot of the demo's store."""
     return dict(
         port=0,
         metrics_port=-1,
         host="127.0.0.1",
+        run_dir=str(run_dir / job),
+        model=str(model),
+        snapshot=snapshot,
         feedback_target=feedback_target,
         seed=settings.seed,
         torch_threads=settings.torch_threads,
@@ -81,12 +88,13 @@ def _job_common(settings: DemoConfig, feedback_target: str) -> dict:
     )
 
 
-def train_sft(settings: DemoConfig, base: Path, feedback_target: str, snapshot: str, run_dir: Path) -> Path:
+def train_sft(
+    settings: DemoConfig, base: Path, services: dict[str, ServiceProcess], snapshot: str, run_dir: Path
+) -> Path:
+    """SFT of the base model on the store's demonstrations snapshot; the final model's folder."""
+    feedback = services["feedback"].target
     sft_cfg = SFTConfig(
-        **_job_common(settings, feedback_target),
-        run_dir=str(run_dir / "sft"),
-        model=str(base),
-        snapshot=snapshot,
+        **_job_common(settings, run_dir, "sft", model=base, snapshot=snapshot, feedback_target=feedback),
         epochs=settings.sft_epochs,
         learning_rate=settings.sft_learning_rate,
         batch_size=settings.sft_batch_size,
@@ -97,13 +105,15 @@ def train_sft(settings: DemoConfig, base: Path, feedback_target: str, snapshot: 
 
 
 def train_reward_model(
-    settings: DemoConfig, sft_path: Path, feedback_target: str, snapshot: str, run_dir: Path
+    settings: DemoConfig, sft_path: Path, services: dict[str, ServiceProcess], snapshot: str, run_dir: Path
 ) -> Path:
+    """The reward model from the SFT model on the store's comparisons-and-ratings snapshot; its folder."""
+    feedback = services["feedback"].target
+    common = _job_common(
+        settings, run_dir, "reward_model", model=sft_path, snapshot=snapshot, feedback_target=feedback
+    )
     rm_cfg = RewardModelConfig(
-        **_job_common(settings, feedback_target),
-        run_dir=str(run_dir / "reward_model"),
-        model=str(sft_path),
-        snapshot=snapshot,
+        **common,
         epochs=settings.rm_epochs,
         learning_rate=settings.rm_learning_rate,
         head_learning_rate=settings.head_learning_rate,
@@ -121,11 +131,9 @@ def train_ppo(
     settings: DemoConfig, sft_path: Path, services: dict[str, ServiceProcess], snapshot: str, run_dir: Path
 ) -> tuple[Path, Path]:
     """PPO from the SFT model against the demo's generation and reward services; (final model, metrics file)."""
+    feedback = services["feedback"].target
     ppo_cfg = PPOConfig(
-        **_job_common(settings, services["feedback"].target),
-        run_dir=str(run_dir / "ppo"),
-        model=str(sft_path),
-        snapshot=snapshot,
+        **_job_common(settings, run_dir, "ppo", model=sft_path, snapshot=snapshot, feedback_target=feedback),
         prompt_kinds=["prompt"],
         generation_target=services["generation"].target,
         reward_target=services["reward"].target,

@@ -246,7 +246,7 @@ def sft_stage(run: Run) -> Path:
     s = run.settings
     run.clock.begin("sft", f"{s.sft_epochs:g} epochs on {len(run.prompts.demo)} demonstrations")
     base = Path(run.checkpoints["base"])
-    sft_path = train_sft(s, base, run.services["feedback"].target, run.snapshot("sft"), run.run_dir)
+    sft_path = train_sft(s, base, run.services, run.snapshot("sft"), run.run_dir)
     run.checkpoints["SFT"] = str(sft_path)
     run.policy.update_weights(version=1, checkpoint_path=str(sft_path))
     run.clock.end()
@@ -316,8 +316,7 @@ def reward_model_stage(run: Run, sft_path: Path) -> None:
     s = run.settings
     layers = f", its top {s.trainable_layers} layers" if s.trainable_layers else ""
     run.clock.begin("reward_model", f"{s.rm_epochs:g} epoch(s) from the SFT model{layers}")
-    feedback = run.services["feedback"].target
-    rm_path = train_reward_model(s, sft_path, feedback, run.snapshot("rm"), run.run_dir)
+    rm_path = train_reward_model(s, sft_path, run.services, run.snapshot("rm"), run.run_dir)
     run.checkpoints["reward model"] = str(rm_path)
     run.rm_client.load_model(str(rm_path))
     run.results["reward_model"] = reward_model_accuracy(run, rm_path)

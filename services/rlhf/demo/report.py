@@ -43,6 +43,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def load_metrics(path: str | Path) -> list[dict]:
     """The JSON objects of a metrics.jsonl file (bad or blank lines are skipped)."""
     path = Path(path)
@@ -107,11 +115,7 @@ def plot_training_curves(rows: Sequence[dict], out: str | Path) -> Path:
         ax.grid(alpha=0.3)
     for ax in flat[len(series) :]:
         ax.set_axis_off()
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_gold_distributions(scores: dict[str, Sequence[float]], out: str | Path) -> Path:
@@ -133,11 +137,7 @@ def plot_gold_distributions(scores: dict[str, Sequence[float]], out: str | Path)
     ax.set_title("Gold score of replies to held-out prompts")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_rm_vs_gold(points: dict[str, tuple[Sequence[float], Sequence[float]]], out: str | Path) -> Path:
@@ -155,11 +155,7 @@ def plot_rm_vs_gold(points: dict[str, tuple[Sequence[float], Sequence[float]]], 
     ax.set_title(f"Reward model vs gold (Spearman {rho:.2f}, n={len(xs_all)})")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def _cell(text: str, limit: int = 220) -> str:
@@ -284,6 +280,123 @@ def targets(results: dict) -> list[dict]:
     return out
 
 
+def _win_rate_lines(win: dict) -> list[str]:
+    k = int(win.get("samples_per_prompt", 1))
+    lines = [
+        f"**{win['name']}**: {win['rate']:.1%} (95% CI {win['low']:.1%} – {win['high']:.1%}) of "
+        f"{win.get('n', '?')} prompts"
+        + (
+            f" ({k} samples per prompt and policy: every PPO sample against every SFT sample of its prompt)"
+            if k > 1
+            else ""
+        )
+        + ", ties counting one half.",
+        "",
+    ]
+    split = win.get("by_sft_reply") or {}
+    if split:
+        names = {"finished": "that ended on their own", "cut_off": "that the length limit cut off"}
+        parts = [
+            f"against SFT replies {names.get(label, label)} {part['rate']:.1%} of {part['pairs']} pairs"
+            for label, part in split.items()
+        ]
+        lines += ["By the SFT reply: " + "; ".join(parts) + ".", ""]
+    return lines
+
+
+def _feedback_line(fb: dict) -> str:
+    return (
+        f"- trained on {fb.get('comparisons', '?')} comparisons ({fb.get('base_comparisons', 0)} of base "
+        f"samples, {fb.get('sft_comparisons', fb.get('comparisons', '?'))} of SFT samples; each pair "
+        f"judged by {fb.get('labelers_per_pair', 1)} different comparer(s), one record each) and "
+        f"{fb.get('ratings', '?')} ratings, less the held-out prompts' share"
+    )
+
+
+def _reward_model_lines(rm: dict, fb: dict) -> list[str]:
+    ci = rm.get("eval_accuracy_ci")
+    lines = [
+        "## Reward model",
+        "",
+        f"- held-out accuracy on labeler comparisons (scored by the reward service): "
+        f"{_fmt(rm.get('eval_accuracy'))}"
+        + (
+            f" (95% CI {ci[0]:.3f} – {ci[1]:.3f}, {rm.get('eval_comparisons', '?')} comparisons)"
+            if ci
+            else ""
+        ),
+        f"- Bayes-optimal accuracy of the noisy labelers on the same comparisons: "
+        f"{_fmt(rm.get('bayes_optimal_accuracy'))}",
+        f"- labels that agree with gold: {_fmt(rm.get('label_gold_agreement'))}",
+    ]
+    if fb:
+        lines.append(_feedback_line(fb))
+    if rm.get("trainer_eval_accuracy") is not None:
+        lines.append(
+            "- the RM trainer's own eval accuracy (eval split incl. pairs from ratings): "
+            f"{_fmt(rm['trainer_eval_accuracy'])}"
+        )
+    if rm.get("gold_pair_accuracy") is not None:
+        lines.append(
+            f"- RM agrees with gold on held-out comparison pairs: {_fmt(rm.get('gold_pair_accuracy'))}"
+        )
+    if rm.get("spearman_vs_gold") is not None:
+        lines.append(f"- Spearman(RM score, gold) on eval replies: {_fmt(rm['spearman_vs_gold'])}")
+    lines.append("")
+    if rm.get("by_pair_kind"):
+        lines += [_pair_kind_table(rm["by_pair_kind"]), ""]
+    return lines
+
+
+def _plot_lines(run_dir: Path, results: dict, evals: dict[str, dict]) -> list[str]:
+    """Draws the plots into ``run_dir``; the report's lines that show them."""
+    plots = []
+    if results.get("metrics_path") is not None:
+        plot_training_curves(load_metrics(results["metrics_path"]), run_dir / "ppo_curves.png")
+        plots.append(("PPO training curves", "ppo_curves.png"))
+    plot_gold_distributions({n: ev["gold"] for n, ev in evals.items()}, run_dir / "gold_distributions.png")
+    plots.append(("Gold score distributions", "gold_distributions.png"))
+    rm_points = {n: (ev["gold"], ev["rm_scores"]) for n, ev in evals.items() if ev.get("rm_scores")}
+    if rm_points:
+        plot_rm_vs_gold(rm_points, run_dir / "rm_vs_gold.png")
+        plots.append(("Reward model score vs gold", "rm_vs_gold.png"))
+    lines = ["## Plots", ""]
+    for title, name in plots:
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    return lines
+
+
+def _sample_lines(results: dict, evals: dict[str, dict]) -> list[str]:
+    prompts = results.get("eval_prompts") or []
+    names = list(evals)
+    if not prompts or len(names) < 2:
+        return []
+    left, right = ("SFT", "PPO") if {"SFT", "PPO"} <= set(names) else (names[-2], names[-1])
+    k = int(results.get("eval_samples", 1))  # samples are prompt-major: the first of each prompt
+    table = sample_table(
+        prompts,
+        (left, evals[left]["texts"][::k], evals[left]["gold"][::k]),
+        (right, evals[right]["texts"][::k], evals[right]["gold"][::k]),
+        n=int(results.get("sample_rows", 10)),
+    )
+    return [f"## Sample replies: {left} vs {right}", "", table, ""]
+
+
+def _closing_lines(results: dict) -> list[str]:
+    lines = []
+    if results.get("checkpoints"):
+        lines += ["## Checkpoints (Hugging Face folders)", ""]
+        lines += [f"- {name}: `{path}`" for name, path in results["checkpoints"].items()]
+        lines.append("")
+    if results.get("stage_seconds"):
+        lines += ["## Time per stage", "", "| stage | seconds |", "| --- | ---: |"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
+        lines.append("")
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    return lines
+
+
 def write_report(run_dir: str | Path, results: dict) -> Path:
     """Write the plots and ``report.md`` into ``run_dir``; returns the report's path.
 
@@ -303,114 +416,14 @@ def write_report(run_dir: str | Path, results: dict) -> Path:
         lines += [f"Preset: **{results['preset']}**", ""]
     if results.get("targets"):
         lines += ["## Targets", "", _targets_table(results["targets"]), ""]
-
     lines += ["## Policies on the held-out eval prompts", "", _policy_table(evals), ""]
-    win = results.get("win_rate")
-    if win:
-        lines += [
-            f"**{win['name']}**: {win['rate']:.1%} (95% CI {win['low']:.1%} – {win['high']:.1%}) of "
-            f"{win.get('n', '?')} prompts"
-            + (
-                f" ({k} samples per prompt and policy: every PPO sample against every SFT sample of its prompt)"
-                if (k := int(win.get("samples_per_prompt", 1))) > 1
-                else ""
-            )
-            + ", ties counting one half.",
-            "",
-        ]
-        split = win.get("by_sft_reply") or {}
-        if split:
-            names = {"finished": "that ended on their own", "cut_off": "that the length limit cut off"}
-            lines += [
-                "By the SFT reply: "
-                + "; ".join(
-                    f"against SFT replies {names.get(label, label)} {part['rate']:.1%} of {part['pairs']} pairs"
-                    for label, part in split.items()
-                )
-                + ".",
-                "",
-            ]
-    rm = results.get("reward_model")
-    if rm:
-        lines += [
-            "## Reward model",
-            "",
-            f"- held-out accuracy on labeler comparisons (scored by the reward service): "
-            f"{_fmt(rm.get('eval_accuracy'))}"
-            + (
-                f" (95% CI {rm['eval_accuracy_ci'][0]:.3f} – {rm['eval_accuracy_ci'][1]:.3f}, "
-                f"{rm.get('eval_comparisons', '?')} comparisons)"
-                if rm.get("eval_accuracy_ci")
-                else ""
-            ),
-            f"- Bayes-optimal accuracy of the noisy labelers on the same comparisons: "
-            f"{_fmt(rm.get('bayes_optimal_accuracy'))}",
-            f"- labels that agree with gold: {_fmt(rm.get('label_gold_agreement'))}",
-        ]
-        fb = results.get("feedback") or {}
-        if fb:
-            lines.append(
-                f"- trained on {fb.get('comparisons', '?')} comparisons ({fb.get('base_comparisons', 0)} of base "
-                f"samples, {fb.get('sft_comparisons', fb.get('comparisons', '?'))} of SFT samples; each pair "
-                f"judged by {fb.get('labelers_per_pair', 1)} different comparer(s), one record each) and "
-                f"{fb.get('ratings', '?')} ratings, less the held-out prompts' share"
-            )
-        if rm.get("trainer_eval_accuracy") is not None:
-            lines.append(
-                "- the RM trainer's own eval accuracy (eval split incl. pairs from ratings): "
-                f"{_fmt(rm['trainer_eval_accuracy'])}"
-            )
-        if rm.get("gold_pair_accuracy") is not None:
-            lines.append(
-                f"- RM agrees with gold on held-out comparison pairs: {_fmt(rm.get('gold_pair_accuracy'))}"
-            )
-        if rm.get("spearman_vs_gold") is not None:
-            lines.append(f"- Spearman(RM score, gold) on eval replies: {_fmt(rm['spearman_vs_gold'])}")
-        lines.append("")
-        if rm.get("by_pair_kind"):
-            lines += [_pair_kind_table(rm["by_pair_kind"]), ""]
-
-    metrics_rows = load_metrics(results["metrics_path"]) if results.get("metrics_path") else []
-    plots = []
-    if results.get("metrics_path") is not None:
-        plot_training_curves(metrics_rows, run_dir / "ppo_curves.png")
-        plots.append(("PPO training curves", "ppo_curves.png"))
-    plot_gold_distributions({n: ev["gold"] for n, ev in evals.items()}, run_dir / "gold_distributions.png")
-    plots.append(("Gold score distributions", "gold_distributions.png"))
-    rm_points = {n: (ev["gold"], ev["rm_scores"]) for n, ev in evals.items() if ev.get("rm_scores")}
-    if rm_points:
-        plot_rm_vs_gold(rm_points, run_dir / "rm_vs_gold.png")
-        plots.append(("Reward model score vs gold", "rm_vs_gold.png"))
-    lines += ["## Plots", ""]
-    for title, name in plots:
-        lines += [f"### {title}", "", f"![{title}]({name})", ""]
-
-    prompts = results.get("eval_prompts") or []
-    names = list(evals)
-    if prompts and len(names) >= 2:
-        left, right = ("SFT", "PPO") if {"SFT", "PPO"} <= set(names) else (names[-2], names[-1])
-        k = int(results.get("eval_samples", 1))  # samples are prompt-major: the first of each prompt
-        lines += [
-            f"## Sample replies: {left} vs {right}",
-            "",
-            sample_table(
-                prompts,
-                (left, evals[left]["texts"][::k], evals[left]["gold"][::k]),
-                (right, evals[right]["texts"][::k], evals[right]["gold"][::k]),
-                n=int(results.get("sample_rows", 10)),
-            ),
-            "",
-        ]
-    if results.get("checkpoints"):
-        lines += ["## Checkpoints (Hugging Face folders)", ""]
-        lines += [f"- {name}: `{path}`" for name, path in results["checkpoints"].items()]
-        lines.append("")
-    if results.get("stage_seconds"):
-        lines += ["## Time per stage", "", "| stage | seconds |", "| --- | ---: |"]
-        lines += [f"| {k} | {v:.1f} |" for k, v in results["stage_seconds"].items()]
-        lines.append("")
-    if results.get("notes"):
-        lines += ["## Notes", ""] + [f"- {n}" for n in results["notes"]] + [""]
+    if results.get("win_rate"):
+        lines += _win_rate_lines(results["win_rate"])
+    if results.get("reward_model"):
+        lines += _reward_model_lines(results["reward_model"], results.get("feedback") or {})
+    lines += _plot_lines(run_dir, results, evals)
+    lines += _sample_lines(results, evals)
+    lines += _closing_lines(results)
     report = run_dir / "report.md"
     atomic_write_text(report, "\n".join(lines))
     return report
