@@ -119,7 +119,7 @@ def test_a_stop_during_the_feature_pass_ends_the_job_there(
     stops after the current batch, before any step, instead of finishing the pass first."""
     import signal
 
-    from rlhf.trainer import reward_model as rm
+    from rlhf.trainer import reward_features as rm
     from rlhf.trainer.job import JobStopped
 
     calls = []
@@ -153,7 +153,8 @@ def test_a_stop_during_the_feature_pass_ends_the_job_there(
 
 def test_cached_path_matches_the_full_model(tiny_lm_path):
     from rlhf.core.models import init_reward_model_from_causal_lm
-    from rlhf.trainer.reward_model import FeatureCache, RewardScorer, check_cache_exact, freeze_lower_part
+    from rlhf.trainer.reward_features import FeatureCache, freeze_lower_part
+    from rlhf.trainer.reward_model import RewardScorer, check_cache_exact
 
     model, tok = init_reward_model_from_causal_lm(tiny_lm_path)
     model.eval()
@@ -170,7 +171,7 @@ def test_cached_path_matches_the_full_model(tiny_lm_path):
 
 
 def test_shared_prefix_groups_cut_sorted_neighbours_where_most_tokens_are_saved():
-    from rlhf.trainer.reward_model import shared_prefix_groups
+    from rlhf.trainer.reward_features import shared_prefix_groups
 
     p = list(range(100, 120))  # 20 shared tokens
     sequences = [
@@ -198,13 +199,8 @@ def test_prefix_sharing_feature_cache_equals_the_full_model(tmp_path):
     alone: prefixes of different lengths, a sequence that is the prefix of another, single-member groups,
     padding within the prefix and suffix batches, suffix batches split by batch_size."""
     from rlhf.core.models import init_reward_model_from_causal_lm, make_tiny_causal_lm
-    from rlhf.trainer.reward_model import (
-        FeatureCache,
-        RewardScorer,
-        check_cache_exact,
-        freeze_lower_part,
-        shared_prefix_groups,
-    )
+    from rlhf.trainer.reward_features import FeatureCache, freeze_lower_part, shared_prefix_groups
+    from rlhf.trainer.reward_model import RewardScorer, check_cache_exact
 
     path = make_tiny_causal_lm(tmp_path / "lm", num_hidden_layers=4)
     model, tok = init_reward_model_from_causal_lm(path)

@@ -25,25 +25,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
-from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from rlhf.core.errors import FailedPrecondition
+from rlhf.core.files import atomic_folder
 from rlhf.core.models import (
-    common_prefix_length,
     init_reward_model_from_causal_lm,
     load_tokenizer,
-    position_ids_from_mask,
     resolve_model_path,
     reward_forward,
     score_head,
     set_torch_threads,
 )
-from rlhf.rl.rollout import MIN_SHARED_PREFIX
+from rlhf.reward.checkpoint import save_reward_checkpoint
 from rlhf.trainer import distributed
 from rlhf.trainer.config import RewardModelConfig
 from rlhf.trainer.data import (
@@ -63,218 +61,17 @@ from rlhf.trainer.loop import (
     plan_state,
     plan_steps,
 )
+from rlhf.trainer.reward_features import (
+    FeaturePassStopped,
+    build_cache,
+    decoder_layers,
+    freeze_lower_part,
+    only_layers,
+)
 
 log = logging.getLogger("rlhf.trainer.reward_model")
 
 Pair = tuple[int, int]  # (chosen, rejected) as indices into the job's list of distinct sequences
-
-
-def decoder_layers(model) -> tuple[torch.nn.Module, str]:
-    """(module holding the transformer layers, attribute name): ``layers`` (Llama, Mistral, Qwen, ...) or
-    ``h`` (GPT-2 style)."""
-    base = model.base_model
-    for name in ("layers", "h"):
-        if isinstance(getattr(base, name, None), torch.nn.ModuleList):
-            return base, name
-    raise ValueError(f"trainable_layers: {type(model).__name__} has no list of transformer layers")
-
-
-@contextlib.contextmanager
-def only_layers(model, layers: list[torch.nn.Module]) -> Iterator[None]:
-    """Run the model's backbone with ``layers`` in place of its full layer list (restored afterwards)."""
-    base, name = decoder_layers(model)
-    full = getattr(base, name)
-    setattr(base, name, torch.nn.ModuleList(layers))
-    try:
-        yield
-    finally:
-        setattr(base, name, full)
-
-
-def shared_prefix_groups(
-    sequences: list[list[int]], min_prefix: int = MIN_SHARED_PREFIX, max_group: int = 256
-) -> tuple[list[tuple[int, list[int]]], list[int]]:
-    """Sequences that start with the same tokens (the replies to one prompt), found without knowing the prompt
-    format: ``(groups, singles)``, each group ``(prefix length, member indices)``.
-
-    The sequences are sorted lexicographically, so sequences sharing a prefix are neighbours, and cut into
-    runs of neighbours so that the tokens the groups save, ``(members - 1) * prefix length`` summed, is largest
-    (dynamic programming over runs of at most ``max_group``). A group's prefix is at most its shortest member's
-    length minus one, so every member keeps at least one token of its own; a prefix shorter than
-    ``min_prefix`` makes no group, and those sequences are ``singles``.
-    """
-    order = sorted(range(len(sequences)), key=lambda i: sequences[i])
-    n = len(order)
-    lcp = [common_prefix_length([sequences[order[k]], sequences[order[k + 1]]]) for k in range(n - 1)]
-    best = [0] * (n + 1)  # best[j]: tokens saved over the first j sorted sequences
-    start = list(range(n + 1))  # start[j]: where the last run of the best cut of the first j begins
-    prefix = [0] * (n + 1)
-    for j in range(1, n + 1):
-        best[j], start[j] = best[j - 1], j - 1
-        shared = len(sequences[order[j - 1]]) - 1
-        for i in range(j - 2, max(-1, j - 1 - max_group), -1):  # the run order[i : j]
-            shared = min(shared, lcp[i], len(sequences[order[i]]) - 1)
-            if shared < min_prefix:
-                break
-            gain = best[i] + (j - 1 - i) * shared
-            if gain > best[j]:
-                best[j], start[j], prefix[j] = gain, i, shared
-    groups: list[tuple[int, list[int]]] = []
-    singles: list[int] = []
-    j = n
-    while j > 0:
-        i = start[j]
-        if j - i > 1:
-            groups.append((prefix[j], order[i:j]))
-        else:
-            singles.append(order[i])
-        j = i
-    return groups[::-1], singles[::-1]
-
-
-class FeaturePassStopped(Exception):
-    """A stop was requested while the feature pass ran (before the first training step)."""
-
-
-class FeatureCache:
-    """The hidden states entering layer ``split`` (the output of the frozen lower part) of every sequence, one
-    float tensor [len, hidden] per sequence.
-
-    Sequences that share a prefix (:func:`shared_prefix_groups`: the replies to one prompt) run it once: the
-    prefixes go through the lower layers in batches keeping their KV cache, then the suffixes run in batches
-    on top of their prefixes' caches (each row's prefix cache left-padded to the batch's longest prefix and the
-    padding masked out, the suffixes right-padded, positions continuing after the prefix). A sequence's
-    features are its prefix's followed by its suffix's, the same hidden states a full pass computes. The other
-    sequences run whole, in batches of similar length.
-    """
-
-    def __init__(
-        self,
-        model,
-        split: int,
-        sequences: list[list[int]],
-        pad_id: int,
-        batch_size: int,
-        bar=None,
-        should_stop=None,
-    ):
-        base, name = decoder_layers(model)
-        layers = list(getattr(base, name))
-        if not 0 < split < len(layers):
-            raise ValueError(f"trainable_layers: must be below the model's {len(layers)} layers")
-        self.split = split
-        self.features: list[torch.Tensor | None] = [None] * len(sequences)
-        self.sequences = sequences
-        self.pad_id = pad_id
-        self.batch_size = batch_size
-        self._bar = bar
-        self._should_stop = should_stop  # checked after every batch: FeaturePassStopped when it says so
-        self._captured: list[torch.Tensor] = []
-
-        def keep(_module, _args, output):
-            self._captured.append(output[0] if isinstance(output, tuple) else output)
-
-        groups, singles = shared_prefix_groups(sequences)
-        hook = layers[split - 1].register_forward_hook(keep)
-        try:
-            self._device = next(model.parameters()).device
-            with torch.no_grad(), only_layers(model, layers[:split]):
-                self._run_whole(model.base_model, sorted(singles, key=lambda i: len(sequences[i])))
-                groups.sort(key=lambda g: g[0])
-                for chunk in chunks(groups, batch_size):
-                    self._run_group_chunk(model.base_model, chunk)
-        finally:
-            hook.remove()
-            self._captured.clear()
-            self._bar = None
-
-    def _lower(self, backbone, ids, mask, position_ids, cache=None) -> tuple[torch.Tensor, object]:
-        """(hidden states entering layer ``split`` [B, T, hidden], the KV cache when one was passed)."""
-        self._captured.clear()
-        out = backbone(
-            input_ids=ids.to(self._device),
-            attention_mask=mask.to(self._device),
-            position_ids=position_ids.to(self._device),
-            past_key_values=cache,
-            use_cache=cache is not None,
-        )
-        return self._captured[-1], out.past_key_values if cache is not None else None
-
-    def _done(self, count: int) -> None:
-        if self._bar is not None:
-            self._bar.update(count)
-        if self._should_stop is not None and self._should_stop():
-            raise FeaturePassStopped
-
-    def _run_whole(self, backbone, rows: list[int]) -> None:
-        for batch in chunks(rows, self.batch_size):
-            ids, mask = pad_right([self.sequences[i] for i in batch], self.pad_id)
-            hidden, _ = self._lower(backbone, ids, mask, position_ids_from_mask(mask))
-            for row, i in enumerate(batch):
-                self.features[i] = hidden[row, : len(self.sequences[i])].clone()
-            self._done(len(batch))
-
-    def _run_group_chunk(self, backbone, groups: list[tuple[int, list[int]]]) -> None:
-        from transformers import DynamicCache
-
-        ids, mask = pad_right(
-            [self.sequences[members[0]][:length] for length, members in groups], self.pad_id
-        )
-        # right padding: a prefix's keys and values do not see the padding after it
-        prefix_hidden, prefix_cache = self._lower(
-            backbone, ids, mask, position_ids_from_mask(mask), DynamicCache()
-        )
-        layer_kv = [(layer.keys, layer.values) for layer in prefix_cache.layers]
-        # the suffixes of all groups of the chunk, in batches of similar suffix length (a batch holds suffixes
-        # of several groups: fewer, larger forward passes than one batch per group)
-        rows = [(g, i) for g, (_, members) in enumerate(groups) for i in members]
-        rows.sort(key=lambda r: len(self.sequences[r[1]]) - groups[r[0]][0])
-        for batch in chunks(rows, self.batch_size):
-            lengths = [groups[g][0] for g, _ in batch]
-            width = max(lengths)
-            # each row's prefix cache, left-padded to the longest prefix of the batch (padding masked out)
-            prefix_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            kv = [
-                (
-                    k.new_zeros((len(batch), k.shape[1], width, k.shape[3])),
-                    v.new_zeros((len(batch), v.shape[1], width, v.shape[3])),
-                )
-                for k, v in layer_kv
-            ]
-            for row, (g, _) in enumerate(batch):
-                length = lengths[row]
-                prefix_mask[row, width - length :] = 1
-                for (k, v), (pk, pv) in zip(layer_kv, kv, strict=True):
-                    pk[row, :, width - length :] = k[g, :, :length]
-                    pv[row, :, width - length :] = v[g, :, :length]
-            ids, suffix_mask = pad_right(
-                [self.sequences[i][lengths[row] :] for row, (_, i) in enumerate(batch)], self.pad_id
-            )
-            offsets = torch.tensor(lengths, dtype=torch.long)[:, None]
-            hidden, _ = self._lower(
-                backbone,
-                ids,
-                torch.cat([prefix_mask, suffix_mask], dim=1),
-                offsets + position_ids_from_mask(suffix_mask),
-                DynamicCache(kv),
-            )
-            for row, (g, i) in enumerate(batch):
-                length = lengths[row]
-                self.features[i] = torch.cat(
-                    [prefix_hidden[g, :length], hidden[row, : len(self.sequences[i]) - length]]
-                )
-            self._done(len(batch))
-
-    def batch(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(features [B, T, hidden] right-padded with zeros, attention mask [B, T]) of ``rows``."""
-        feats = [self.features[i] for i in rows]
-        width = max(f.shape[0] for f in feats)
-        out = feats[0].new_zeros((len(feats), width, feats[0].shape[-1]))
-        mask = torch.zeros((len(feats), width), dtype=torch.long, device=out.device)
-        for row, f in enumerate(feats):
-            out[row, : f.shape[0]] = f
-            mask[row, : f.shape[0]] = 1
-        return out, mask
 
 
 class RewardScorer(torch.nn.Module):
@@ -332,19 +129,6 @@ def prompt_groups(comparisons) -> list[int]:
     """A prompt id per comparison (equal prompts, equal ids; numbered in order of first appearance)."""
     ids: dict[str, int] = {}
     return [ids.setdefault(prompt_key(c.prompt), len(ids)) for c in comparisons]
-
-
-def freeze_lower_part(model, trainable_layers: int) -> int:
-    """Freeze the embeddings and all but the top ``trainable_layers`` layers; returns the first trained layer."""
-    base, name = decoder_layers(model)
-    layers = getattr(base, name)
-    if trainable_layers >= len(layers):
-        raise ValueError(f"trainable_layers: must be below the model's {len(layers)} layers")
-    split = len(layers) - trainable_layers
-    for module in [model.get_input_embeddings(), *layers[:split]]:
-        for p in module.parameters():
-            p.requires_grad_(False)
-    return split
 
 
 def check_cache_exact(model, scorer: RewardScorer, rows: list[int], tolerance: float = 1e-3) -> float:
@@ -410,43 +194,164 @@ def reward_statistics(scorer, rows: list[int], batch_size: int, info) -> tuple[f
     return mean, math.sqrt(var)
 
 
-def build_cache(
-    model, split: int, sequences: list[list[int]], pad_id: int, cfg, info, should_stop=None
-) -> FeatureCache:
-    """The frozen lower part's output for every sequence, with a progress bar when the job shows one;
-    raises FeaturePassStopped as soon as ``should_stop()`` is true."""
-    from tqdm.auto import tqdm
+@dataclass
+class PairData:
+    """The job's comparisons as pairs of indices into its distinct token sequences."""
 
-    # like the job's own bar: rank 0 only; progress unset = only on a terminal (tqdm's disable=None)
-    disable = True if not info.is_main else (None if cfg.progress is None else not cfg.progress)
-    log.info("caching the frozen layers' output for %d sequences", len(sequences))
-    with tqdm(
-        total=len(sequences), desc="reward_model features", unit="seq", disable=disable, leave=False
-    ) as bar:
-        return FeatureCache(model, split, sequences, pad_id, cfg.eval_batch_size, bar, should_stop)
+    train: list[Pair]
+    evals: list[Pair]
+    sequences: list[list[int]]
+    groups: list[int] | None  # a prompt id per train pair (group_by_prompt)
+
+
+def encode_data(cfg: RewardModelConfig, tokenizer) -> PairData:
+    """Load the comparisons and tokenize each distinct (prompt, response) once."""
+    data = load_comparisons(cfg, cfg.rating_margin)
+    sequences: list[list[int]] = []
+    index: dict = {}
+    train = encode_pairs(tokenizer, data.train, cfg.max_length, sequences, index)
+    evals = encode_pairs(tokenizer, data.eval, cfg.max_length, sequences, index)
+    groups = prompt_groups(data.train) if cfg.group_by_prompt else None
+    return PairData(train, evals, sequences, groups)
+
+
+def make_optimizer_and_scheduler(cfg: RewardModelConfig, model, total_steps: int):
+    """AdamW on the trainable parameters (the score head in its own group, no decay) and the LR schedule."""
+    head = list(score_head(model).parameters())
+    head_ids = {id(p) for p in head}
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if id(p) not in head_ids])
+    optimizer.add_param_group(
+        {"params": head, "weight_decay": 0.0, "lr": cfg.head_learning_rate or cfg.learning_rate}
+    )
+    return optimizer, make_scheduler(cfg, optimizer, total_steps)
+
+
+def check_resumed_order(resumed: dict, cfg: RewardModelConfig) -> None:
+    """A resumed run continues the data order only with the checkpoint's group_by_prompt."""
+    if resumed and bool(resumed.get("group_by_prompt", False)) != cfg.group_by_prompt:
+        raise FailedPrecondition(
+            f"group_by_prompt: the checkpoint was taken with group_by_prompt="
+            f"{bool(resumed.get('group_by_prompt', False))}; the data order would not continue"
+        )
+
+
+def make_scorer(job: TrainJob, model, split: int, data: PairData, pad_id: int, cfg, info) -> RewardScorer:
+    """The scorer, on cached features of the frozen lower part when ``split`` > 0 (checked exact)."""
+    cache = None
+    if split:
+        # A stop (SIGTERM, Ctrl-C, the StopJob RPC) during this pass, which takes minutes on a CPU,
+        # ends the job here rather than at the first step: no step has run since the start or the
+        # resumed checkpoint, so nothing is lost. With several ranks the stop is agreed on at the
+        # first step boundary as usual (one rank leaving alone would leave the others waiting).
+        should_stop = (lambda: job.stop_requested) if not info.enabled else None
+        try:
+            with job.phase("features"):
+                cache = build_cache(model, split, data.sequences, pad_id, cfg, info, should_stop)
+        except FeaturePassStopped:
+            log.warning("stopped during the feature pass, before step %d", job.step + 1)
+            job.finish()  # raises JobStopped
+    scorer = RewardScorer(model, data.sequences, pad_id, cache)
+    if cache is not None:
+        check_cache_exact(model, scorer, list(range(min(4, len(data.sequences)))))
+    return scorer
+
+
+@dataclass
+class Training:
+    """What an optimizer step updates: the model (through its scorer, DDP-wrapped under torchrun)."""
+
+    model: torch.nn.Module
+    scorer: RewardScorer
+    ddp_scorer: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def train_step(job: TrainJob, plan, data: PairData, training: Training, cfg, info) -> None:
+    """One optimizer step on the global batch of ``job.step`` (this rank's shard in micro-batches)."""
+    epoch, _ = plan.position(job.step)
+    global_batch = batch_indices(plan, job.step, len(data.train), cfg.seed, data.groups)
+    mine = [data.train[i] for i in distributed.shard(global_batch, info.rank, info.world_size)]
+    micro_batches = list(chunks(mine, cfg.micro_batch_size))
+    loss_sum, correct = 0.0, 0.0
+    n_tokens = sum(len(data.sequences[c]) + len(data.sequences[r]) for c, r in mine)
+    with job.phase("update"):
+        for k, micro in enumerate(micro_batches):
+            sync = k == len(micro_batches) - 1
+            no_sync = training.ddp_scorer.no_sync() if info.enabled and not sync else contextlib.nullcontext()
+            with no_sync:
+                chosen, rejected = score_pairs(training.ddp_scorer, micro)
+                loss = bradley_terry_loss_sum(chosen, rejected, cfg.center_rewards_coef)
+                (loss * info.world_size / plan.batch_size).backward()
+                loss_sum += float(loss.detach())
+                correct += float((chosen > rejected).sum())
+        grad_norm = clip_gradients(training.model, cfg.max_grad_norm)
+        training.optimizer.step()
+        training.scheduler.step()
+        training.optimizer.zero_grad(set_to_none=True)
+    loss_sum, correct, n_tokens = distributed.all_reduce_sum([loss_sum, correct, n_tokens], info.device)
+    job.end_step(
+        {
+            "loss": loss_sum / plan.batch_size,
+            "accuracy": correct / plan.batch_size,
+            "grad_norm": grad_norm,
+            "learning_rate": training.scheduler.get_last_lr()[0],
+        },
+        train_state={
+            **plan_state(plan, job.step + 1, len(data.train)),
+            "group_by_prompt": cfg.group_by_prompt,
+        },
+        tokens=int(n_tokens),
+        epoch=epoch,
+        evaluate=lambda: evaluate_pairs(training.scorer, data.evals, cfg, info),
+    )
+
+
+def save_final(job: TrainJob, model, tokenizer, scorer, data: PairData, cfg, info) -> Path:
+    """RUN_DIR/final: the reward checkpoint with the mean/std of its scores over the training responses."""
+    final = job.run_dir / "final"
+    with job.phase("eval"):
+        responses = sorted({row for pair in data.train for row in pair})
+        mean, std = reward_statistics(scorer, responses, cfg.eval_batch_size, info)
+    if info.is_main:
+        with atomic_folder(final) as tmp:
+            save_reward_checkpoint(
+                model,
+                tokenizer,
+                tmp,
+                reward_mean=mean,
+                reward_std=std,
+                version=cfg.version or f"{job.job_id}-step{job.step}",
+                extra={
+                    "base_model": str(resolve_model_path(cfg.model)),
+                    "eval_accuracy": job.metrics.get("eval_accuracy"),
+                    "eval_loss": job.metrics.get("eval_loss"),
+                    "step": job.step,
+                    "snapshot": cfg.snapshot or cfg.data_file or "",
+                    "train_pairs": len(data.train),
+                    "trainable_layers": cfg.trainable_layers,
+                    "eval_pairs": len(data.evals),
+                },
+            )
+        log.info("reward model saved to %s (reward mean %.4f, std %.4f)", final, mean, std)
+    if info.enabled:
+        torch.distributed.barrier()
+    return final
 
 
 def run_reward_model(cfg: RewardModelConfig) -> Path:
     """Run (or resume) a reward-model job; returns the final reward checkpoint folder (a stopped job raises
     rlhf.trainer.job.JobStopped after writing its checkpoint)."""
-    from rlhf.reward.checkpoint import save_reward_checkpoint
-
     set_torch_threads(cfg.torch_threads)
     info = distributed.setup(cfg.device)
     try:
-        data = load_comparisons(cfg, cfg.rating_margin)
-        tokenizer = load_tokenizer(cfg.model)
-        sequences: list[list[int]] = []
-        index: dict = {}
-        train = encode_pairs(tokenizer, data.train, cfg.max_length, sequences, index)
-        evals = encode_pairs(tokenizer, data.eval, cfg.max_length, sequences, index)
-        groups = prompt_groups(data.train) if cfg.group_by_prompt else None
-        plan = plan_steps(cfg, len(train), info.world_size)
+        data = encode_data(cfg, load_tokenizer(cfg.model))
+        plan = plan_steps(cfg, len(data.train), info.world_size)
         log.info(
             "reward model on %d train / %d eval pairs (%d distinct sequences): %d steps of %d",
-            len(train),
-            len(evals),
-            len(sequences),
+            len(data.train),
+            len(data.evals),
+            len(data.sequences),
             plan.total_steps,
             plan.batch_size,
         )
@@ -454,117 +359,20 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
             model, tokenizer = init_reward_model_from_causal_lm(cfg.model)  # inside the job: seeded head
             model.to(info.device).train()
             split = freeze_lower_part(model, cfg.trainable_layers) if cfg.trainable_layers else 0
-            head = list(score_head(model).parameters())
-            head_ids = {id(p) for p in head}
-            optimizer = make_optimizer(cfg, [p for p in model.parameters() if id(p) not in head_ids])
-            optimizer.add_param_group(
-                {"params": head, "weight_decay": 0.0, "lr": cfg.head_learning_rate or cfg.learning_rate}
-            )
-            scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
+            optimizer, scheduler = make_optimizer_and_scheduler(cfg, model, plan.total_steps)
             job.track("model", model, tokenizer=tokenizer)
             job.track("optimizer", optimizer)
             job.track("scheduler", scheduler)
             resumed = job.resume()
-            check_resumed_plan(resumed, plan, len(train))
-            if resumed and bool(resumed.get("group_by_prompt", False)) != cfg.group_by_prompt:
-                raise FailedPrecondition(
-                    f"group_by_prompt: the checkpoint was taken with group_by_prompt="
-                    f"{bool(resumed.get('group_by_prompt', False))}; the data order would not continue"
-                )
-            pad_id = tokenizer.pad_token_id
-            cache = None
-            if split:
-                # A stop (SIGTERM, Ctrl-C, the StopJob RPC) during this pass, which takes minutes on a CPU,
-                # ends the job here rather than at the first step: no step has run since the start or the
-                # resumed checkpoint, so nothing is lost. With several ranks the stop is agreed on at the
-                # first step boundary as usual (one rank leaving alone would leave the others waiting).
-                should_stop = (lambda: job.stop_requested) if not info.enabled else None
-                try:
-                    with job.phase("features"):
-                        cache = build_cache(model, split, sequences, pad_id, cfg, info, should_stop)
-                except FeaturePassStopped:
-                    log.warning("stopped during the feature pass, before step %d", job.step + 1)
-                    job.finish()  # raises JobStopped
-            scorer = RewardScorer(model, sequences, pad_id, cache)
-            if cache is not None:
-                check_cache_exact(model, scorer, list(range(min(4, len(sequences)))))
-            ddp_scorer = distributed.wrap(scorer, info)
-
+            check_resumed_plan(resumed, plan, len(data.train))
+            check_resumed_order(resumed, cfg)
+            scorer = make_scorer(job, model, split, data, tokenizer.pad_token_id, cfg, info)
+            training = Training(model, scorer, distributed.wrap(scorer, info), optimizer, scheduler)
             while not job.done:
-                epoch, index = plan.position(job.step)
-                global_batch = batch_indices(plan, job.step, len(train), cfg.seed, groups)
-                mine = [train[i] for i in distributed.shard(global_batch, info.rank, info.world_size)]
-                micro_batches = list(chunks(mine, cfg.micro_batch_size))
-                loss_sum, correct = 0.0, 0.0
-                n_tokens = sum(len(sequences[c]) + len(sequences[r]) for c, r in mine)
-                with job.phase("update"):
-                    for k, micro in enumerate(micro_batches):
-                        sync = k == len(micro_batches) - 1
-                        no_sync = (
-                            ddp_scorer.no_sync() if info.enabled and not sync else contextlib.nullcontext()
-                        )
-                        with no_sync:
-                            chosen, rejected = score_pairs(ddp_scorer, micro)
-                            loss = bradley_terry_loss_sum(chosen, rejected, cfg.center_rewards_coef)
-                            (loss * info.world_size / plan.batch_size).backward()
-                            loss_sum += float(loss.detach())
-                            correct += float((chosen > rejected).sum())
-                    grad_norm = clip_gradients(model, cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum, correct, n_tokens = distributed.all_reduce_sum(
-                    [loss_sum, correct, n_tokens], info.device
-                )
-                job.end_step(
-                    {
-                        "loss": loss_sum / plan.batch_size,
-                        "accuracy": correct / plan.batch_size,
-                        "grad_norm": grad_norm,
-                        "learning_rate": scheduler.get_last_lr()[0],
-                    },
-                    train_state={
-                        **plan_state(plan, job.step + 1, len(train)),
-                        "group_by_prompt": cfg.group_by_prompt,
-                    },
-                    tokens=int(n_tokens),
-                    epoch=epoch,
-                    evaluate=lambda: evaluate_pairs(scorer, evals, cfg, info),
-                )
-            final = job.run_dir / "final"
+                train_step(job, plan, data, training, cfg, info)
             if not job.completed:
                 job.finish()  # raises JobStopped (the checkpoint is written)
-            with job.phase("eval"):
-                responses = sorted({row for pair in train for row in pair})
-                mean, std = reward_statistics(scorer, responses, cfg.eval_batch_size, info)
-            if info.is_main:
-                tmp = final.with_name(final.name + ".tmp")
-                if tmp.exists():
-                    shutil.rmtree(tmp)
-                save_reward_checkpoint(
-                    model,
-                    tokenizer,
-                    tmp,
-                    reward_mean=mean,
-                    reward_std=std,
-                    version=cfg.version or f"{job.job_id}-step{job.step}",
-                    extra={
-                        "base_model": str(resolve_model_path(cfg.model)),
-                        "eval_accuracy": job.metrics.get("eval_accuracy"),
-                        "eval_loss": job.metrics.get("eval_loss"),
-                        "step": job.step,
-                        "snapshot": cfg.snapshot or cfg.data_file or "",
-                        "train_pairs": len(train),
-                        "trainable_layers": cfg.trainable_layers,
-                        "eval_pairs": len(evals),
-                    },
-                )
-                if final.exists():
-                    shutil.rmtree(final)
-                tmp.rename(final)
-                log.info("reward model saved to %s (reward mean %.4f, std %.4f)", final, mean, std)
-            if info.enabled:
-                torch.distributed.barrier()
+            final = save_final(job, model, tokenizer, scorer, data, cfg, info)
             job.finish(final)
             return final
     finally:
