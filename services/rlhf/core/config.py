@@ -46,19 +46,29 @@ class BaseConfig(BaseModel):
     section: ClassVar[str] = ""
 
 
-class ServerConfig(BaseConfig):
-    """Settings every gRPC server shares (see services/rlhf/core/server.py)."""
+def port_field(default: int, what: str = "gRPC port") -> Any:
+    """The ``port`` field of a server config: the one declaration of its bounds, each server its default."""
+    return Field(default, ge=0, le=65535, description=f"{what} (0 = pick a free port).")
 
-    host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
-    # Services have their own defaults (generation 9091, reward 9092, feedback 9093, trainer 9094); the next one
-    # is left to anything else built on ServerConfig. Not 9090: a Prometheus on the same host listens there.
-    metrics_port: int = Field(
-        9095,
+
+def metrics_port_field(default: int) -> Any:
+    """The ``metrics_port`` field of a server config: the one declaration of its bounds, each its default."""
+    return Field(
+        default,
         ge=-1,
         le=65535,
         description="Prometheus /metrics HTTP port (0 = pick a free port, -1 = disabled).",
     )
+
+
+class ServerConfig(BaseConfig):
+    """Settings every gRPC server shares (see services/rlhf/core/server.py)."""
+
+    host: str = Field("0.0.0.0", description="Address the gRPC server binds to.")
+    port: int = port_field(50051)
+    # Services have their own defaults (generation 9091, reward 9092, feedback 9093, trainer 9094); the next one
+    # is left to anything else built on ServerConfig. Not 9090: a Prometheus on the same host listens there.
+    metrics_port: int = metrics_port_field(9095)
     metrics_host: str = Field("0.0.0.0", description="Address the /metrics endpoint binds to.")
     port_file: str | None = Field(
         None,

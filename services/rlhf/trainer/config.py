@@ -22,7 +22,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf.core.config import ServerConfig
+from rlhf.core.config import ServerConfig, metrics_port_field, port_field
 
 
 class TrainJobConfig(ServerConfig):
@@ -32,14 +32,10 @@ class TrainJobConfig(ServerConfig):
     #: Short name of the job kind, used in run folder names and metric labels.
     kind: ClassVar[str] = "job"
 
-    # ---- the job's TrainerService server (host, tls, auth ... inherited from ServerConfig) ----
-    port: int = Field(50054, ge=0, le=65535, description="TrainerService gRPC port (0 = pick a free port).")
-    metrics_port: int = Field(
-        9094,
-        ge=-1,
-        le=65535,
-        description="Prometheus /metrics HTTP port (0 = pick a free port, -1 = disabled).",
-    )
+    # ---- the job's TrainerService server: host, TLS, auth, limits... from ServerConfig (the job serves them all
+    # through rlhf.core.server.ServerThread); only the defaults of the ports and the grace period differ ----
+    port: int = port_field(50054, "TrainerService gRPC port")
+    metrics_port: int = metrics_port_field(9094)
     serve: bool = Field(True, description="Serve rlhf.v1.TrainerService while the job runs (rank 0 only).")
     grace_seconds: float = Field(
         2.0, ge=0, description="At the end of the job: seconds in-flight status calls get to finish."

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from rlhf.core.files import atomic_folder
 from rlhf.core.models import causal_lm_logits, load_causal_lm, load_tokenizer, set_torch_threads
 from rlhf.trainer import distributed
 from rlhf.trainer.config import SFTConfig
@@ -88,15 +88,10 @@ def evaluate_loss(model, examples: list[Example], cfg: SFTConfig, info, pad_id: 
 
 
 def save_final(model, tokenizer, folder: Path) -> Path:
-    """save_pretrained to a temporary folder, then rename: a reader never sees a half-written model."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    """The model as an HF folder, written atomically: a reader never sees a half-written model."""
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return folder
 
 
