@@ -88,12 +88,12 @@ def _job_common(
     )
 
 
-def train_sft(
+def sft_config(
     settings: DemoConfig, base: Path, services: dict[str, ServiceProcess], snapshot: str, run_dir: Path
-) -> Path:
-    """SFT of the base model on the store's demonstrations snapshot; the final model's folder."""
+) -> SFTConfig:
+    """SFT of the base model on the store's demonstrations snapshot."""
     feedback = services["feedback"].target
-    sft_cfg = SFTConfig(
+    return SFTConfig(
         **_job_common(settings, run_dir, "sft", model=base, snapshot=snapshot, feedback_target=feedback),
         epochs=settings.sft_epochs,
         learning_rate=settings.sft_learning_rate,
@@ -101,18 +101,17 @@ def train_sft(
         micro_batch_size=settings.sft_batch_size,
         lr_scheduler="linear",
     )
-    return Path(run_sft(sft_cfg))
 
 
-def train_reward_model(
+def reward_model_config(
     settings: DemoConfig, sft_path: Path, services: dict[str, ServiceProcess], snapshot: str, run_dir: Path
-) -> Path:
-    """The reward model from the SFT model on the store's comparisons-and-ratings snapshot; its folder."""
+) -> RewardModelConfig:
+    """The reward model from the SFT model on the store's comparisons-and-ratings snapshot."""
     feedback = services["feedback"].target
     common = _job_common(
         settings, run_dir, "reward_model", model=sft_path, snapshot=snapshot, feedback_target=feedback
     )
-    rm_cfg = RewardModelConfig(
+    return RewardModelConfig(
         **common,
         epochs=settings.rm_epochs,
         learning_rate=settings.rm_learning_rate,
@@ -124,15 +123,14 @@ def train_reward_model(
         eval_batch_size=32,
         version=f"demo-rm-s{settings.seed}",
     )
-    return Path(run_reward_model(rm_cfg))
 
 
-def train_ppo(
+def ppo_config(
     settings: DemoConfig, sft_path: Path, services: dict[str, ServiceProcess], snapshot: str, run_dir: Path
-) -> tuple[Path, Path]:
-    """PPO from the SFT model against the demo's generation and reward services; (final model, metrics file)."""
+) -> PPOConfig:
+    """PPO from the SFT model against the demo's generation and reward services."""
     feedback = services["feedback"].target
-    ppo_cfg = PPOConfig(
+    return PPOConfig(
         **_job_common(settings, run_dir, "ppo", model=sft_path, snapshot=snapshot, feedback_target=feedback),
         prompt_kinds=["prompt"],
         generation_target=services["generation"].target,
@@ -151,4 +149,16 @@ def train_ppo(
         num_ppo_epochs=settings.num_ppo_epochs,
         num_mini_batches=settings.num_mini_batches,
     )
-    return Path(run_ppo(ppo_cfg)), run_dir / "ppo" / "metrics.jsonl"
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    return Path(run_sft(cfg))
+
+
+def train_reward_model(cfg: RewardModelConfig) -> Path:
+    return Path(run_reward_model(cfg))
+
+
+def train_ppo(cfg: PPOConfig) -> tuple[Path, Path]:
+    """The final PPO model's folder and the job's metrics file."""
+    return Path(run_ppo(cfg)), Path(cfg.run_dir) / "metrics.jsonl"

@@ -40,6 +40,9 @@ from rlhf.demo import evaluate as ev
 from rlhf.demo.config import DemoConfig, command_line, resolve
 from rlhf.demo.jobs import (
     base_model_path,
+    ppo_config,
+    reward_model_config,
+    sft_config,
     start_services,
     threads_env,
     train_ppo,
@@ -246,7 +249,7 @@ def sft_stage(run: Run) -> Path:
     s = run.settings
     run.clock.begin("sft", f"{s.sft_epochs:g} epochs on {len(run.prompts.demo)} demonstrations")
     base = Path(run.checkpoints["base"])
-    sft_path = train_sft(s, base, run.services, run.snapshot("sft"), run.run_dir)
+    sft_path = train_sft(sft_config(s, base, run.services, run.snapshot("sft"), run.run_dir))
     run.checkpoints["SFT"] = str(sft_path)
     run.policy.update_weights(version=1, checkpoint_path=str(sft_path))
     run.clock.end()
@@ -316,7 +319,9 @@ def reward_model_stage(run: Run, sft_path: Path) -> None:
     s = run.settings
     layers = f", its top {s.trainable_layers} layers" if s.trainable_layers else ""
     run.clock.begin("reward_model", f"{s.rm_epochs:g} epoch(s) from the SFT model{layers}")
-    rm_path = train_reward_model(s, sft_path, run.services, run.snapshot("rm"), run.run_dir)
+    rm_path = train_reward_model(
+        reward_model_config(s, sft_path, run.services, run.snapshot("rm"), run.run_dir)
+    )
     run.checkpoints["reward model"] = str(rm_path)
     run.rm_client.load_model(str(rm_path))
     run.results["reward_model"] = reward_model_accuracy(run, rm_path)
@@ -330,7 +335,8 @@ def ppo_stage(run: Run, sft_path: Path) -> Path:
         f"{s.ppo_iterations} iterations x {s.ppo_rollouts} rollouts "
         f"({s.samples_per_prompt} per prompt, {s.advantage_estimator.upper()} advantages)",
     )
-    ppo_path, metrics_path = train_ppo(s, sft_path, run.services, run.snapshot("ppo-prompts"), run.run_dir)
+    cfg = ppo_config(s, sft_path, run.services, run.snapshot("ppo-prompts"), run.run_dir)
+    ppo_path, metrics_path = train_ppo(cfg)
     run.checkpoints["PPO"] = str(ppo_path)
     run.results["metrics_path"] = str(metrics_path)
     run.clock.end()
