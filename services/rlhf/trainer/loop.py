@@ -6,6 +6,7 @@ so a resumed run (and every data-parallel rank) reads exactly the batches an uni
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -125,3 +126,21 @@ def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
     if max_norm > 0:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
     return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+
+
+def accumulating(ddp_module: torch.nn.Module, micro_batches: list, distributed: bool) -> Iterator:
+    """Yield each micro-batch; under DDP all but the last inside ``no_sync()``, so the gradients are
+    all-reduced once per optimizer step."""
+    for k, micro in enumerate(micro_batches):
+        last = k == len(micro_batches) - 1
+        with ddp_module.no_sync() if distributed and not last else contextlib.nullcontext():
+            yield micro
+
+
+def optimizer_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
+    """Clip, step the optimizer and the schedule, clear the gradients; returns the norm before clipping."""
+    grad_norm = clip_gradients(model, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -22,7 +22,6 @@ reward service uses for normalized scores.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -52,12 +51,13 @@ from rlhf.trainer.data import (
 )
 from rlhf.trainer.job import TrainJob
 from rlhf.trainer.loop import (
+    accumulating,
     batch_indices,
     check_resumed_plan,
     chunks,
-    clip_gradients,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
     plan_state,
     plan_steps,
 )
@@ -276,19 +276,13 @@ def train_step(job: TrainJob, plan, data: PairData, training: Training, cfg, inf
     loss_sum, correct = 0.0, 0.0
     n_tokens = sum(len(data.sequences[c]) + len(data.sequences[r]) for c, r in mine)
     with job.phase("update"):
-        for k, micro in enumerate(micro_batches):
-            sync = k == len(micro_batches) - 1
-            no_sync = training.ddp_scorer.no_sync() if info.enabled and not sync else contextlib.nullcontext()
-            with no_sync:
-                chosen, rejected = score_pairs(training.ddp_scorer, micro)
-                loss = bradley_terry_loss_sum(chosen, rejected, cfg.center_rewards_coef)
-                (loss * info.world_size / plan.batch_size).backward()
-                loss_sum += float(loss.detach())
-                correct += float((chosen > rejected).sum())
-        grad_norm = clip_gradients(training.model, cfg.max_grad_norm)
-        training.optimizer.step()
-        training.scheduler.step()
-        training.optimizer.zero_grad(set_to_none=True)
+        for micro in accumulating(training.ddp_scorer, micro_batches, info.enabled):
+            chosen, rejected = score_pairs(training.ddp_scorer, micro)
+            loss = bradley_terry_loss_sum(chosen, rejected, cfg.center_rewards_coef)
+            (loss * info.world_size / plan.batch_size).backward()
+            loss_sum += float(loss.detach())
+            correct += float((chosen > rejected).sum())
+        grad_norm = optimizer_step(training.model, training.optimizer, training.scheduler, cfg.max_grad_norm)
     loss_sum, correct, n_tokens = distributed.all_reduce_sum([loss_sum, correct, n_tokens], info.device)
     job.end_step(
         {

@@ -9,8 +9,8 @@ that the generation service loads.
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,12 +23,13 @@ from rlhf.trainer.config import SFTConfig
 from rlhf.trainer.data import encode_sft_example, load_demonstrations, pad_right
 from rlhf.trainer.job import TrainJob
 from rlhf.trainer.loop import (
+    accumulating,
     batch_indices,
     check_resumed_plan,
     chunks,
-    clip_gradients,
     make_optimizer,
     make_scheduler,
+    optimizer_step,
     plan_state,
     plan_steps,
 )
@@ -95,6 +96,48 @@ def save_final(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
+@dataclass
+class Training:
+    """What an optimizer step updates: the model (DDP-wrapped under torchrun), its optimizer and schedule."""
+
+    model: torch.nn.Module
+    ddp_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    pad_id: int
+
+
+def train_step(job: TrainJob, plan, train: list, training: Training, cfg: SFTConfig, info, evaluate) -> None:
+    """One optimizer step on the global batch of ``job.step`` (this rank's shard in micro-batches)."""
+    epoch, _ = plan.position(job.step)
+    global_batch = batch_indices(plan, job.step, len(train), cfg.seed)
+    mine = [train[i] for i in distributed.shard(global_batch, info.rank, info.world_size)]
+    n_targets, n_tokens = distributed.all_reduce_sum(
+        [_num_targets(mine), sum(len(ids) for ids, _ in mine)], info.device
+    )
+    loss_sum = 0.0
+    with job.phase("update"):
+        for micro in accumulating(training.ddp_model, list(chunks(mine, cfg.micro_batch_size)), info.enabled):
+            ids, mask, labels = (t.to(info.device) for t in collate(micro, training.pad_id))
+            loss = response_loss_sum(training.ddp_model, ids, mask, labels)
+            # sum / global count x world: DDP's gradient mean then equals the global-batch mean
+            (loss * info.world_size / max(n_targets, 1)).backward()
+            loss_sum += float(loss.detach())
+        grad_norm = optimizer_step(training.model, training.optimizer, training.scheduler, cfg.max_grad_norm)
+    (total_loss,) = distributed.all_reduce_sum([loss_sum], info.device)
+    job.end_step(
+        {
+            "loss": total_loss / max(n_targets, 1),
+            "grad_norm": grad_norm,
+            "learning_rate": training.scheduler.get_last_lr()[0],
+        },
+        train_state=plan_state(plan, job.step + 1, len(train)),
+        tokens=int(n_tokens),
+        epoch=epoch,
+        evaluate=evaluate,
+    )
+
+
 def run_sft(cfg: SFTConfig) -> Path:
     """Run (or resume) an SFT job; returns the final HF folder. A job stopped by SIGTERM, Ctrl-C or the Stop
     RPC raises rlhf.trainer.job.JobStopped after writing its checkpoint."""
@@ -131,41 +174,14 @@ def run_sft(cfg: SFTConfig) -> Path:
                 return {} if loss is None else {"eval_loss": loss}
 
             while not job.done:
-                epoch, index = plan.position(job.step)
-                global_batch = batch_indices(plan, job.step, len(train), cfg.seed)
-                mine = [train[i] for i in distributed.shard(global_batch, info.rank, info.world_size)]
-                n_targets, n_tokens = distributed.all_reduce_sum(
-                    [_num_targets(mine), sum(len(ids) for ids, _ in mine)], info.device
-                )
-                micro_batches = list(chunks(mine, cfg.micro_batch_size))
-                loss_sum = 0.0
-                with job.phase("update"):
-                    for k, micro in enumerate(micro_batches):
-                        sync = k == len(micro_batches) - 1
-                        no_sync = (
-                            ddp_model.no_sync() if info.enabled and not sync else contextlib.nullcontext()
-                        )
-                        with no_sync:
-                            ids, mask, labels = (t.to(info.device) for t in collate(micro, pad_id))
-                            loss = response_loss_sum(ddp_model, ids, mask, labels)
-                            # sum / global count x world: DDP's gradient mean then equals the global-batch mean
-                            (loss * info.world_size / max(n_targets, 1)).backward()
-                            loss_sum += float(loss.detach())
-                    grad_norm = clip_gradients(model, cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                (total_loss,) = distributed.all_reduce_sum([loss_sum], info.device)
-                job.end_step(
-                    {
-                        "loss": total_loss / max(n_targets, 1),
-                        "grad_norm": grad_norm,
-                        "learning_rate": scheduler.get_last_lr()[0],
-                    },
-                    train_state=plan_state(plan, job.step + 1, len(train)),
-                    tokens=int(n_tokens),
-                    epoch=epoch,
-                    evaluate=evaluate,
+                train_step(
+                    job,
+                    plan,
+                    train,
+                    Training(model, ddp_model, optimizer, scheduler, pad_id),
+                    cfg,
+                    info,
+                    evaluate,
                 )
             final = job.run_dir / "final"
             if job.completed:
