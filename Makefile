@@ -17,7 +17,8 @@ install: .make/system ## Install the platform exactly as requirements.lock pins 
 	$(PYTHON) -m pip install --quiet --require-hashes --no-deps -r requirements.lock
 	@$(MAKE) --no-print-directory .make/project
 
-# Debian packages of the real servers the tests start (PostgreSQL, Prometheus, Chromium); needs root and apt.
+# Debian packages of the real servers the tests start (PostgreSQL, Prometheus, Chromium, a Docker engine with
+# debootstrap for a base image); needs root and apt.
 # deploy/system-packages.txt lists them with the versions the suite last ran with (the test header prints both).
 SYSTEM_PACKAGES := $(shell sed -n 's/^\([a-z0-9.+-]*\)=.*/\1/p' deploy/system-packages.txt)
 .make/system: deploy/system-packages.txt
@@ -55,6 +56,11 @@ lock: ## Update the locks to pyproject.toml, keeping every pin that still fits (
 
 lock-upgrade: ## Regenerate the locks with the newest releases inside pyproject.toml's ranges
 	$(MAKE) --no-print-directory lock LOCK_UPGRADE=--upgrade
+
+images: install ## Build the CPU image (rlhf:cpu) and local/postgres on a local engine; sizes and times printed
+	deploy/docker/local-engine.sh start
+	DOCKER_HOST=$$(deploy/docker/local-engine.sh start | cut -d= -f2) deploy/docker/local-engine.sh base
+	DOCKER_HOST=$$(deploy/docker/local-engine.sh start | cut -d= -f2) deploy/docker/local-engine.sh build
 
 protos: ## Regenerate services/rlhf/v1 from protos/rlhf/v1/*.proto
 	$(PYTHON) protos/generate.py

@@ -115,16 +115,15 @@ def test_submit_without_the_k8s_extra_says_how_to_install_it(module, argv):
 
 
 def test_the_k8s_extra_holds_what_rlhf_k8s_imports_and_dev_includes_it():
-    """The Helm engine is the k8s extra; the Kubernetes client is a main dependency (the platform is built on
-    it), so the extra plus the main dependencies hold everything `rlhf k8s` imports."""
+    """`rlhf k8s` (the Helm engine, the Kubernetes client, the Docker SDK for `k8s up --docker`) is the k8s
+    extra, not the core install the services and trainers need; `make install` (dev) takes every extra."""
     import tomllib
 
     project = tomllib.loads((CHART_DIR.parents[1] / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
-    assert set(extras["k8s"]) == {"helm-python-sdk"}
-    assert "kubernetes" in project["dependencies"]
-    assert "rlhf-platform[k8s]" in extras["dev"]
-    assert "helm-python-sdk" not in project["dependencies"]
+    assert set(extras["k8s"]) == {"helm-python-sdk", "kubernetes", "docker"}
+    assert not set(extras["k8s"]) & set(project["dependencies"])
+    assert "rlhf-platform[labeling,demo,k8s]" in extras["dev"]
 
 
 class FakeStream:
