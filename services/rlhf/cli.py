@@ -48,7 +48,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("train", "ppo"): "rlhf.trainer.cli:PPO",
     ("feedback", "import"): "rlhf.feedback.cli:IMPORT",
     ("feedback", "export"): "rlhf.feedback.cli:EXPORT",
-    ("feedback", "enqueue"): "rlhf.feedback.cli:ENQUEUE",
+    ("feedback", "enqueue"): "rlhf.labeling.cli:ENQUEUE",
     ("reward", "score"): "rlhf.reward.cli:SCORE",
     ("k8s", "submit"): "rlhf.k8s.cli:SUBMIT",
     (None, "demo"): "rlhf.demo.cli:DEMO",

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from rlhf.core.errors import InvalidArgument
 from rlhf.feedback import records as rec
-from rlhf.feedback.store import decode_cursor
+from rlhf.feedback.reads import decode_cursor
 from rlhf.v1 import common_pb2, feedback_pb2, feedback_pb2_grpc
 
 from .conftest import BACKENDS, new_database_url, running_server

@@ -6,8 +6,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 
+from rlhf.feedback.engine import MIGRATIONS_DIR
 from rlhf.feedback.schema import metadata
-from rlhf.feedback.store import MIGRATIONS_DIR, FeedbackStore
+from rlhf.feedback.store import FeedbackStore
 
 
 def test_migrated_schema_matches_the_table_definitions(store):
@@ -20,8 +21,8 @@ def test_downgrade_to_base_and_upgrade_again(database_url):
     with FeedbackStore(database_url) as store:
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-        with store._write_engine.begin() as conn:
-            cfg.attributes["connection"] = conn
+        with store.write_transaction() as tx:
+            cfg.attributes["connection"] = tx.connection
             command.downgrade(cfg, "base")
         assert set(sa.inspect(store.engine).get_table_names()) == {"alembic_version"}
         store.migrate()
@@ -39,7 +40,7 @@ def test_sqlite_runs_in_wal_mode_with_full_sync(tmp_path):
 
 def _claim_plan(store: FeedbackStore) -> str:
     """The database's plan for the next-task query (candidate_query, as LabelingQueue.next_task runs it)."""
-    from rlhf.feedback.labeling import candidate_query
+    from rlhf.labeling.queue import candidate_query
 
     sql = str(candidate_query("ann", 0).compile(store.engine, compile_kwargs={"literal_binds": True}))
     # New connections: sqlite3's statement cache would replay an EXPLAIN prepared before a schema change
@@ -53,23 +54,24 @@ def _claim_plan(store: FeedbackStore) -> str:
 
 
 def test_0003_open_task_index_serves_the_next_task_query_and_downgrades(database_url):
-    from rlhf.feedback.labeling import LabelingQueue, TaskSpec
     from rlhf.feedback.schema import labeling_tasks as tasks
+    from rlhf.labeling.queue import LabelingQueue
+    from rlhf.labeling.tasks import TaskSpec
 
     with FeedbackStore(database_url) as store:
         # a queue whose front is finished: 3000 judged tasks, then 5 open ones
         queue = LabelingQueue(store, redundancy=1)
         queue.enqueue([TaskSpec(f"Rate answer {i}.", ["Fine."]) for i in range(3005)])
-        with store._write_engine.begin() as conn:
-            conn.execute(tasks.update().where(tasks.c.seq <= 3000).values(judgments=1))
-            seq_of = dict(conn.execute(sa.select(tasks.c.id, tasks.c.seq)).all())
+        with store.write_transaction() as tx:
+            tx.execute(tasks.update().where(tasks.c.seq <= 3000).values(judgments=1))
+            seq_of = dict(tx.execute(sa.select(tasks.c.id, tasks.c.seq)).all())
         assert "ix_labeling_tasks_open_seq" in _claim_plan(store)
         assert seq_of[queue.next_task("ann").id] == 3001
 
         cfg = Config()
         cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-        with store._write_engine.begin() as conn:
-            cfg.attributes["connection"] = conn
+        with store.write_transaction() as tx:
+            cfg.attributes["connection"] = tx.connection
             command.downgrade(cfg, "0002")
         assert store.schema_revision() == "0002"
         indexes = {ix["name"] for ix in sa.inspect(store.engine).get_indexes("labeling_tasks")}

@@ -7,7 +7,8 @@ import pytest
 from rlhf.core.errors import InvalidArgument
 from rlhf.feedback import records as rec
 from rlhf.feedback import validation as val
-from rlhf.feedback.store import decode_cursor, encode_cursor, snapshot_content_hash, split_of
+from rlhf.feedback.reads import decode_cursor, encode_cursor
+from rlhf.feedback.snapshots import snapshot_content_hash, split_of
 from rlhf.v1 import common_pb2, feedback_pb2
 
 LIMITS = val.Limits(max_text_chars=100, max_batch_size=10)

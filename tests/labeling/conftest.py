@@ -8,9 +8,9 @@ import os
 
 import pytest
 
-from rlhf.feedback.labeling import LabelingQueue
 from rlhf.feedback.pg_local import LocalPostgres, find_pg_bin
 from rlhf.feedback.store import FeedbackStore
+from rlhf.labeling.queue import LabelingQueue
 
 BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
 _db_numbers = itertools.count()

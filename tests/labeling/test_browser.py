@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from rlhf.core.launcher import Launcher
-from rlhf.feedback.labeling import Judgment, LabelingQueue, TaskSpec, judgment_key
 from rlhf.feedback.store import FeedbackStore
+from rlhf.labeling.queue import LabelingQueue
+from rlhf.labeling.tasks import Judgment, TaskSpec, judgment_key
 
 selenium = pytest.importorskip("selenium")
 from selenium import webdriver  # noqa: E402

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from rlhf.core.launcher import Launcher
-from rlhf.feedback.labeling import LabelingQueue, prompts_without_tasks
 from rlhf.feedback.store import FeedbackStore
+from rlhf.labeling.queue import LabelingQueue
+from rlhf.labeling.sources import prompts_without_tasks
 from rlhf.v1 import feedback_pb2
 
 pytest.importorskip("rlhf.generation.client")

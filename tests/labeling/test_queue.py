@@ -9,17 +9,10 @@ from collections import Counter
 import pytest
 
 from rlhf.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from rlhf.feedback.labeling import (
-    Judgment,
-    LabelingQueue,
-    TaskSpec,
-    judgment_key,
-    parse_task_line,
-    prompts_without_tasks,
-    read_task_jsonl,
-    sample_tasks,
-)
 from rlhf.feedback.store import FeedbackStore
+from rlhf.labeling.queue import LabelingQueue
+from rlhf.labeling.sources import parse_task_line, prompts_without_tasks, read_task_jsonl, sample_tasks
+from rlhf.labeling.tasks import Judgment, TaskSpec, judgment_key
 from rlhf.v1 import feedback_pb2
 
 

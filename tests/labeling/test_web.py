@@ -10,9 +10,10 @@ import re
 import pytest
 from prometheus_client import REGISTRY
 
-from rlhf.feedback.labeling import LabelingQueue, TaskSpec
 from rlhf.feedback.store import FeedbackStore
 from rlhf.labeling.app import create_app
+from rlhf.labeling.queue import LabelingQueue
+from rlhf.labeling.tasks import TaskSpec
 
 
 @pytest.fixture

@@ -36,8 +36,9 @@ from rlhf.core.launcher import Launcher
 from rlhf.feedback import jsonl
 from rlhf.feedback import records as rec
 from rlhf.feedback.client import FeedbackClient
+from rlhf.feedback.engine import normalize_url
 from rlhf.feedback.pg_local import LocalPostgres, find_pg_bin
-from rlhf.feedback.store import FeedbackStore, normalize_url
+from rlhf.feedback.store import FeedbackStore
 from rlhf.v1 import feedback_pb2
 
 TARGET_PER_SECOND = 10_000

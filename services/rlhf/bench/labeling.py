@@ -18,9 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 from rlhf.bench.results import write_result
-from rlhf.feedback.labeling import Judgment, LabelingQueue, TaskSpec
 from rlhf.feedback.pg_local import LocalPostgres, find_pg_bin
 from rlhf.feedback.store import FeedbackStore
+from rlhf.labeling.queue import LabelingQueue
+from rlhf.labeling.tasks import Judgment, TaskSpec
 
 TASKS = 300
 LABELERS = 6

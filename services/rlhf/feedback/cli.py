@@ -21,7 +21,20 @@ from rlhf.feedback.config import FeedbackConfig
 def _serve(config: FeedbackConfig) -> int:
     from rlhf.feedback.server import serve
 
-    return serve(config)
+    if config.labeling_port < 0:
+        return serve(config)
+    try:  # the labeling page needs Flask, an optional extra
+        from rlhf.labeling.web import start_page
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("flask", "werkzeug", "jinja2"):
+            raise
+        print(
+            f"serve feedback: labeling_port is {config.labeling_port} but the labeling page needs Flask "
+            f"({exc.name} is not installed): pip install 'rlhf-platform[labeling]', or set labeling_port to -1",
+            file=sys.stderr,
+        )
+        return 2
+    return serve(config, labeling_page=start_page)
 
 
 SERVE = config_command(
@@ -195,132 +208,4 @@ EXPORT = Command(
     help="Export records (optionally one snapshot split) as JSONL in the Hugging Face / TRL formats.",
     add_arguments=_export_arguments,
     run=_run_export,
-)
-
-
-def _enqueue_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_argument_group("where the tasks come from (one of)")
-    source.add_argument(
-        "file",
-        nargs="?",
-        help='JSONL of tasks (\'-\' = stdin): {"prompt": P, "responses": [R, R, ...]} to compare or '
-        '{"prompt": P, "response": R} to rate; optional idempotency_key, redundancy, source, metadata.',
-    )
-    source.add_argument(
-        "--sample-from",
-        metavar="HOST:PORT",
-        help="Instead of a file: sample responses from this generation service for stored prompts that have "
-        "no labeling task yet.",
-    )
-    sampling = parser.add_argument_group("sampling (with --sample-from)")
-    sampling.add_argument(
-        "--responses", type=int, default=2, help="Responses per prompt (1 = rate; default 2)."
-    )
-    sampling.add_argument("--limit", type=int, default=0, help="At most this many prompts (0 = all).")
-    sampling.add_argument("--max-new-tokens", type=int, default=256, help="Longest response (default 256).")
-    sampling.add_argument(
-        "--temperature", type=float, default=1.0, help="Sampling temperature (default 1.0)."
-    )
-    sampling.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling (default 1.0).")
-    sampling.add_argument("--seed", type=int, default=None, help="Sampling seed (default: random).")
-    sampling.add_argument("--batch-size", type=int, default=8, help="Prompts per Generate call (default 8).")
-    sampling.add_argument(
-        "--generation-token",
-        default=os.environ.get("RLHF_AUTH_TOKEN"),
-        help="Bearer token for --sample-from (default: $RLHF_AUTH_TOKEN).",
-    )
-    parser.add_argument(
-        "--redundancy",
-        type=int,
-        default=1,
-        help="Judgments wanted per task, each from a different labeler (default 1; a task line may set its own).",
-    )
-    parser.add_argument("--source", default="", help="Source of tasks that name none.")
-    parser.add_argument(
-        "--database-url",
-        help="The feedback database (sqlite:///FILE or postgresql://...); tasks go straight in.",
-    )
-    parser.add_argument("--config", metavar="FILE", help="Feedback YAML config (database_url, limits).")
-
-
-def _run_enqueue(args: argparse.Namespace) -> int:
-    import grpc
-
-    from rlhf.core.config import load_config
-    from rlhf.core.errors import ServiceError
-    from rlhf.feedback.labeling import LabelingQueue, prompts_without_tasks, read_task_jsonl, sample_tasks
-    from rlhf.feedback.store import FeedbackStore
-
-    if bool(args.file) == bool(args.sample_from):
-        print("enqueue: give a JSONL file or --sample-from HOST:PORT (one of them)", file=sys.stderr)
-        return 2
-    overrides = {"database_url": args.database_url, "database_url_file": None} if args.database_url else {}
-    config = load_config(FeedbackConfig, args.config, overrides)
-    where = args.file or args.sample_from
-    try:
-        with FeedbackStore.from_config(config) as store:
-            queue = LabelingQueue(store, redundancy=args.redundancy)
-            dropped = 0
-            if args.file:
-                with contextlib.ExitStack() as stack:
-                    f = (
-                        sys.stdin
-                        if args.file == "-"
-                        else stack.enter_context(open(args.file, encoding="utf-8"))
-                    )
-                    specs = read_task_jsonl(f, default_source=args.source)
-            else:
-                try:
-                    from rlhf.generation.client import PolicyClient
-                except ImportError:
-                    print(
-                        "enqueue: the generation client (rlhf.generation.client) is not installed",
-                        file=sys.stderr,
-                    )
-                    return 1
-                prompts = prompts_without_tasks(store, args.limit)
-                if not prompts:
-                    print("enqueue: every stored prompt already has a labeling task", file=sys.stderr)
-                    return 0
-                client = PolicyClient(args.sample_from, token=args.generation_token)
-                try:
-                    specs, dropped = sample_tasks(
-                        client,
-                        prompts,
-                        responses=args.responses,
-                        batch_size=args.batch_size,
-                        source=args.source or "generation",
-                        max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature,
-                        top_p=args.top_p,
-                        seed=args.seed,
-                        return_prompt_token_ids=False,
-                    )
-                finally:
-                    client.close()
-            result = queue.enqueue(specs) if specs else None
-            depth = queue.judgments_needed()
-    except ServiceError as exc:
-        print(f"{where}: {exc.message}", file=sys.stderr)
-        return 2
-    except grpc.RpcError as exc:
-        print(f"{where}: generation failed: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        return 1
-    created, existing = (result.created, result.existing) if result else (0, 0)
-    note = f"; {dropped} prompts dropped (fewer distinct responses than asked for)" if dropped else ""
-    print(
-        f"{where}: queued {created} new tasks ({existing} already queued){note}; "
-        f"{depth} judgments now wanted in the queue",
-        file=sys.stderr,
-    )
-    return 0
-
-
-ENQUEUE = Command(
-    help="Add labeling tasks (a prompt with responses to compare or rate) to the labeling queue.",
-    add_arguments=_enqueue_arguments,
-    run=_run_enqueue,
-    description="Queue tasks for the labeling page, from a JSONL file or by sampling responses from the "
-    "generation service for stored prompts. Idempotent: re-running creates no duplicate tasks. Labelers "
-    "judge them at `rlhf serve feedback --labeling-port PORT`.",
 )

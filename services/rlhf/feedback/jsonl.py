@@ -35,17 +35,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+import grpc
+
 from rlhf.core.errors import InvalidArgument, ServiceError
 from rlhf.core.prompt_proto import make_prompt
 from rlhf.feedback import records as rec
-from rlhf.feedback.validation import (
-    DEFAULT_SCALE,
-    Limits,
-    check_comparison,
-    check_demonstration,
-    check_prompt_record,
-    check_rating,
-)
+from rlhf.feedback.validation import CHECK_RECORD, DEFAULT_SCALE, Limits
 from rlhf.v1 import feedback_pb2
 
 COMMON = ("labeler_id", "metadata", "idempotency_key")
@@ -173,6 +168,93 @@ def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dic
     return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
 
 
+def _parse_prompt(obj: dict, key: str, default_source: str) -> feedback_pb2.PromptRecord:
+    return feedback_pb2.PromptRecord(
+        idempotency_key=key,
+        prompt=make_prompt(_prompt(obj["prompt"])),
+        source=_string(obj.get("source", default_source), "source"),
+        metadata=_common(obj)["metadata"],
+    )
+
+
+def _parse_pair(obj: dict, key: str, common: dict) -> feedback_pb2.Comparison:
+    """A chosen/rejected preference (explicit prompt, or implicit: the conversations' shared turns)."""
+    if "chosen" not in obj or "rejected" not in obj:
+        raise ValueError("a preference needs both 'chosen' and 'rejected'")
+    if "prompt" in obj:
+        prompt = _prompt(obj["prompt"])
+        chosen, rejected = _completion(obj["chosen"], "chosen"), _completion(obj["rejected"], "rejected")
+    else:
+        prompt, chosen, rejected = _implicit_prompt(
+            _messages(obj["chosen"], "chosen"), _messages(obj["rejected"], "rejected")
+        )
+    versions = [
+        _string(obj.get("chosen_model_version", ""), "chosen_model_version"),
+        _string(obj.get("rejected_model_version", ""), "rejected_model_version"),
+    ]
+    return rec.make_comparison(
+        prompt,
+        [chosen, rejected],
+        chosen_index=0,
+        model_versions=versions,
+        idempotency_key=key,
+        reason=_string(obj.get("reason", ""), "reason"),
+        **common,
+    )
+
+
+def _parse_kway(obj: dict, key: str, common: dict) -> feedback_pb2.Comparison:
+    """A comparison of k responses: ``chosen_index`` and/or ``ranking``."""
+    responses = obj["responses"]
+    if not isinstance(responses, list):
+        raise ValueError("responses: expected a list")
+    texts = [_completion(r, f"responses[{i}]") for i, r in enumerate(responses)]
+    if "chosen_index" not in obj and "ranking" not in obj:
+        raise ValueError("a k-way comparison needs 'chosen_index' or 'ranking'")
+    ranking = obj.get("ranking")
+    if ranking is not None and not isinstance(ranking, list):
+        raise ValueError("ranking: expected a list of indices")
+    versions = obj.get("model_versions", [""] * len(texts))
+    if not isinstance(versions, list) or len(versions) != len(texts):
+        raise ValueError("model_versions: expected one string per response")
+    return rec.make_comparison(
+        _prompt(obj["prompt"]),
+        texts,
+        chosen_index=_index(obj["chosen_index"], "chosen_index") if "chosen_index" in obj else None,
+        ranking=[_index(r, f"ranking[{i}]") for i, r in enumerate(ranking or [])],
+        model_versions=[_string(v, f"model_versions[{i}]") for i, v in enumerate(versions)],
+        idempotency_key=key,
+        reason=_string(obj.get("reason", ""), "reason"),
+        **common,
+    )
+
+
+def _parse_messages(obj: dict, key: str, common: dict, model_version: str) -> feedback_pb2.Demonstration:
+    messages = _messages(obj["messages"], "messages")
+    if len(messages) < 2 or messages[-1]["role"] != "assistant":
+        raise ValueError("messages: needs a prompt turn and a final 'assistant' turn")
+    return rec.make_demonstration(
+        messages[:-1], messages[-1]["content"], idempotency_key=key, model_version=model_version, **common
+    )
+
+
+def _parse_rating(obj: dict, key: str, common: dict, model_version: str) -> feedback_pb2.Rating:
+    prompt, completion = _prompt(obj["prompt"]), _completion(obj["completion"], "completion")
+    scale = obj.get("scale", list(DEFAULT_SCALE))
+    if not isinstance(scale, list) or len(scale) != 2:
+        raise ValueError("scale: expected [min, max]")
+    return rec.make_rating(
+        prompt,
+        completion,
+        _number(obj["score"], "score"),
+        scale=(_number(scale[0], "scale[0]"), _number(scale[1], "scale[1]")),
+        idempotency_key=key,
+        model_version=model_version,
+        reason=_string(obj.get("reason", ""), "reason"),
+        **common,
+    )
+
+
 def parse_record(obj: Any, *, default_labeler_id: str = "", default_source: str = "") -> tuple[str, Any]:
     """(kind, message) of one JSONL object; ValueError with a clear message if it does not fit a format."""
     if not isinstance(obj, dict):
@@ -185,95 +267,25 @@ def parse_record(obj: Any, *, default_labeler_id: str = "", default_source: str 
         )
     key = _string(obj.get("idempotency_key", ""), "idempotency_key")
     if layout == "prompt":
-        message = feedback_pb2.PromptRecord(
-            idempotency_key=key,
-            prompt=make_prompt(_prompt(obj["prompt"])),
-            source=_string(obj.get("source", default_source), "source"),
-            metadata=_common(obj)["metadata"],
-        )
-        return "prompt", message
+        return "prompt", _parse_prompt(obj, key, default_source)
     common = _common(obj)
     common["labeler_id"] = common["labeler_id"] or default_labeler_id
     if layout == "pair":
-        if "chosen" not in obj or "rejected" not in obj:
-            raise ValueError("a preference needs both 'chosen' and 'rejected'")
-        if "prompt" in obj:
-            prompt = _prompt(obj["prompt"])
-            chosen, rejected = _completion(obj["chosen"], "chosen"), _completion(obj["rejected"], "rejected")
-        else:
-            prompt, chosen, rejected = _implicit_prompt(
-                _messages(obj["chosen"], "chosen"), _messages(obj["rejected"], "rejected")
-            )
-        versions = [
-            _string(obj.get("chosen_model_version", ""), "chosen_model_version"),
-            _string(obj.get("rejected_model_version", ""), "rejected_model_version"),
-        ]
-        message = rec.make_comparison(
-            prompt,
-            [chosen, rejected],
-            chosen_index=0,
-            model_versions=versions,
-            idempotency_key=key,
-            reason=_string(obj.get("reason", ""), "reason"),
-            **common,
-        )
-        return "comparison", message
+        return "comparison", _parse_pair(obj, key, common)
     if "prompt" not in obj and layout != "messages":
         raise ValueError("missing 'prompt'")
     if layout == "kway":
-        responses = obj["responses"]
-        if not isinstance(responses, list):
-            raise ValueError("responses: expected a list")
-        texts = [_completion(r, f"responses[{i}]") for i, r in enumerate(responses)]
-        if "chosen_index" not in obj and "ranking" not in obj:
-            raise ValueError("a k-way comparison needs 'chosen_index' or 'ranking'")
-        ranking = obj.get("ranking")
-        if ranking is not None and not isinstance(ranking, list):
-            raise ValueError("ranking: expected a list of indices")
-        versions = obj.get("model_versions", [""] * len(texts))
-        if not isinstance(versions, list) or len(versions) != len(texts):
-            raise ValueError("model_versions: expected one string per response")
-        message = rec.make_comparison(
-            _prompt(obj["prompt"]),
-            texts,
-            chosen_index=_index(obj["chosen_index"], "chosen_index") if "chosen_index" in obj else None,
-            ranking=[_index(r, f"ranking[{i}]") for i, r in enumerate(ranking or [])],
-            model_versions=[_string(v, f"model_versions[{i}]") for i, v in enumerate(versions)],
-            idempotency_key=key,
-            reason=_string(obj.get("reason", ""), "reason"),
-            **common,
-        )
-        return "comparison", message
+        return "comparison", _parse_kway(obj, key, common)
     model_version = _string(obj.get("model_version", ""), "model_version")
     if layout == "messages":
-        messages = _messages(obj["messages"], "messages")
-        if len(messages) < 2 or messages[-1]["role"] != "assistant":
-            raise ValueError("messages: needs a prompt turn and a final 'assistant' turn")
-        message = rec.make_demonstration(
-            messages[:-1], messages[-1]["content"], idempotency_key=key, model_version=model_version, **common
-        )
-        return "demonstration", message
-    prompt = _prompt(obj["prompt"])
-    completion = _completion(obj["completion"], "completion")
+        return "demonstration", _parse_messages(obj, key, common, model_version)
     if layout == "completion":
+        prompt, completion = _prompt(obj["prompt"]), _completion(obj["completion"], "completion")
         message = rec.make_demonstration(
             prompt, completion, idempotency_key=key, model_version=model_version, **common
         )
         return "demonstration", message
-    scale = obj.get("scale", list(DEFAULT_SCALE))
-    if not isinstance(scale, list) or len(scale) != 2:
-        raise ValueError("scale: expected [min, max]")
-    message = rec.make_rating(
-        prompt,
-        completion,
-        _number(obj["score"], "score"),
-        scale=(_number(scale[0], "scale[0]"), _number(scale[1], "scale[1]")),
-        idempotency_key=key,
-        model_version=model_version,
-        reason=_string(obj.get("reason", ""), "reason"),
-        **common,
-    )
-    return "rating", message
+    return "rating", _parse_rating(obj, key, common, model_version)
 
 
 def derived_key(kind: str, line: dict) -> str:
@@ -441,12 +453,6 @@ def _with_line(message: str, batch: list[ParsedLine]) -> str:
 
 # A server's text limit is its own (max_text_chars); the other limits are the contract's, the same everywhere.
 CONTRACT_LIMITS = Limits(max_text_chars=sys.maxsize, max_batch_size=sys.maxsize)
-CHECKS = {
-    "prompt": check_prompt_record,
-    "demonstration": check_demonstration,
-    "comparison": check_comparison,
-    "rating": check_rating,
-}
 
 
 def check_lines(parsed: list[ParsedLine], limits: Limits = CONTRACT_LIMITS) -> None:
@@ -454,7 +460,7 @@ def check_lines(parsed: list[ParsedLine], limits: Limits = CONTRACT_LIMITS) -> N
     :class:`LineError` naming its line and field."""
     for item in parsed:
         try:
-            CHECKS[item.kind](item.message, item.kind, limits)
+            CHECK_RECORD[item.kind](item.message, item.kind, limits)
         except ServiceError as exc:
             raise LineError(f"line {item.line_no}", exc.message) from None
 
@@ -467,8 +473,6 @@ def import_records(parsed: list[ParsedLine], sink, batch_size: int = 1000) -> Im
     an unknown prompt id) or a server's own text limit can stop an import after some batches, and re-running
     the import after fixing the line then completes it without duplicates.
     """
-    import grpc  # light, but only needed here
-
     check_lines(parsed, getattr(sink, "limits", None) or CONTRACT_LIMITS)
     summary = ImportSummary(lines=len(parsed))
     for batch in _runs(parsed, batch_size):

@@ -12,44 +12,28 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from prometheus_client import Counter, Gauge, Histogram
-
 from rlhf.core.errors import AlreadyExists, InvalidArgument, ServiceError
-from rlhf.core.server import LATENCY_BUCKETS, ServerHandle, ServiceDef, serve_forever
+from rlhf.core.files import atomic_write_text
+from rlhf.core.server import ServerHandle, ServiceDef, serve_forever
 from rlhf.feedback.config import FeedbackConfig
-from rlhf.feedback.store import FeedbackStore, redact_url
+from rlhf.feedback.engine import redact_url
+from rlhf.feedback.metrics import (
+    READ_LATENCY,
+    RECORDS,
+    RECORDS_REJECTED,
+    STORE_SIZE,
+    WRITE_LATENCY,
+    count_written,
+)
+from rlhf.feedback.store import FeedbackStore
 from rlhf.feedback.validation import RecordError
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 
 log = logging.getLogger("rlhf.feedback")
-
-RECORDS_WRITTEN = Counter(
-    "rlhf_feedback_records_written", "Records newly stored (idempotent replays excluded), by kind.", ["kind"]
-)
-RECORDS_REJECTED = Counter(
-    "rlhf_feedback_records_rejected",
-    "Records not written because their batch was rejected, by kind and the reason of the rejection.",
-    ["kind", "reason"],
-)
-WRITE_LATENCY = Histogram(
-    "rlhf_feedback_write_duration_seconds",
-    "Time to validate and durably commit one write batch, by kind.",
-    ["kind"],
-    buckets=LATENCY_BUCKETS,
-)
-READ_LATENCY = Histogram(
-    "rlhf_feedback_read_duration_seconds",
-    "Time of one read: an export page, stats or a snapshot operation.",
-    ["op"],
-    buckets=LATENCY_BUCKETS,
-)
-STORE_SIZE = Gauge(
-    "rlhf_feedback_store_size_bytes", "Size of the database on disk (SQLite files or PostgreSQL database)."
-)
-RECORDS = Gauge("rlhf_feedback_records", "Records in the store, by kind.", ["kind"])
 
 
 def rejection_reason(exc: ServiceError) -> str:
@@ -64,8 +48,12 @@ def rejection_reason(exc: ServiceError) -> str:
 
 
 class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
-    def __init__(self, config: FeedbackConfig):
+    def __init__(self, config: FeedbackConfig, labeling_page: Callable | None = None):
+        """``labeling_page(store, config)`` starts the labeling web page (:func:`rlhf.labeling.web.start_page`)
+        once the store is open, when ``config.labeling_port >= 0``; it is passed in, not imported, because
+        the page needs Flask (the ``labeling`` extra) and the labeling package builds on this one."""
         self.config = config
+        self._start_labeling_page = labeling_page
         self.store: FeedbackStore | None = None
         self._executor = ThreadPoolExecutor(config.db_threads, thread_name_prefix="feedback-db")
         self._refresh_task: asyncio.Task | None = None
@@ -86,21 +74,18 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             dict(stats.records_by_kind),
         )
         if self.config.labeling_port >= 0:
+            if self._start_labeling_page is None:
+                raise ValueError("labeling_port is set but no labeling page was given to the servicer")
             await self._run(self._start_labeling)
         self._refresh_task = asyncio.ensure_future(self._refresh_gauges())
 
     def _start_labeling(self) -> None:
-        from rlhf.labeling.web import LabelingWebServer, app_from_config
-
-        app = app_from_config(self.store, self.config)
-        self.labeling = LabelingWebServer(app, self.config.labeling_host, self.config.labeling_port).start()
+        self.labeling = self._start_labeling_page(self.store, self.config)
         if self.config.port_file:  # launchers and tests find the page's port next to the gRPC one
             path = Path(self.config.port_file)
             ports = json.loads(path.read_text()) if path.exists() else {}
             ports["labeling_port"] = self.labeling.port
-            tmp = path.with_suffix(".labeling.tmp")
-            tmp.write_text(json.dumps(ports))
-            tmp.replace(path)
+            atomic_write_text(path, json.dumps(ports))
 
     async def shutdown(self, handle: ServerHandle) -> None:
         if self._refresh_task:
@@ -127,7 +112,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
             try:
                 self._set_gauges(await self._run(self.store.stats))
                 if self.labeling:
-                    await self._run(self.labeling.app.extensions["rlhf_labeling"]["refresh_depth"])
+                    await self._run(self.labeling.refresh_depth)
             except Exception:  # a transient database error must not end the refresh loop
                 log.warning("could not refresh store gauges", exc_info=True)
 
@@ -143,8 +128,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         finally:
             WRITE_LATENCY.labels(kind).observe(time.perf_counter() - start)
         if kind != "labeler":
-            RECORDS_WRITTEN.labels(kind).inc(result.created)
-            RECORDS.labels(kind).inc(result.created)
+            count_written(kind, result.created)
         return result
 
     async def AddLabelers(self, request, context):
@@ -206,8 +190,9 @@ def service_def(servicer: FeedbackServicer) -> ServiceDef:
     )
 
 
-def serve(config: FeedbackConfig) -> int:
-    """Blocking: serve until SIGTERM/SIGINT."""
-    servicer = FeedbackServicer(config)
+def serve(config: FeedbackConfig, labeling_page: Callable | None = None) -> int:
+    """Blocking: serve until SIGTERM/SIGINT (with the labeling page from ``labeling_page``, see
+    :class:`FeedbackServicer`)."""
+    servicer = FeedbackServicer(config, labeling_page)
     serve_forever(config, [service_def(servicer)], load=servicer.load, on_shutdown=servicer.shutdown)
     return 0

@@ -238,6 +238,14 @@ def check_rating(record: feedback_pb2.Rating, field: str, limits: Limits) -> Non
     check_metadata(record.metadata, f"{field}.metadata", limits)
 
 
+CHECK_RECORD = {  # kind -> the check of one record of that kind
+    "prompt": check_prompt_record,
+    "demonstration": check_demonstration,
+    "comparison": check_comparison,
+    "rating": check_rating,
+}
+
+
 def check_labeler(labeler: feedback_pb2.Labeler, field: str, limits: Limits) -> None:
     check_labeler_id(labeler.id, f"{field}.id", required=True)
     check_string(labeler.display_name, f"{field}.display_name", limits.max_short_chars, required=False)

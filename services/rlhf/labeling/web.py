@@ -15,9 +15,9 @@ from werkzeug.serving import make_server
 
 from rlhf.core.server import _read_tokens
 from rlhf.feedback.config import FeedbackConfig
-from rlhf.feedback.labeling import LabelingQueue
 from rlhf.feedback.store import FeedbackStore
-from rlhf.labeling.app import create_app
+from rlhf.labeling.app import create_app, labeling_state
+from rlhf.labeling.queue import LabelingQueue
 
 log = logging.getLogger("rlhf.labeling")
 
@@ -34,8 +34,15 @@ def app_from_config(store: FeedbackStore, config: FeedbackConfig) -> Flask:
         low_agreement=config.labeling_low_agreement,
         min_pairs=config.labeling_min_pairs,
     )
-    app.extensions["rlhf_labeling"]["refresh_depth"]()
+    labeling_state(app).refresh_depth()
     return app
+
+
+def start_page(store: FeedbackStore, config: FeedbackConfig) -> LabelingWebServer:
+    """The labeling page for a feedback server's store and config, serving on ``config.labeling_port``."""
+    return LabelingWebServer(
+        app_from_config(store, config), config.labeling_host, config.labeling_port
+    ).start()
 
 
 class LabelingWebServer:
@@ -52,6 +59,10 @@ class LabelingWebServer:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
+
+    def refresh_depth(self) -> int:
+        """Set the queue-depth gauge from the database."""
+        return labeling_state(self.app).refresh_depth()
 
     def start(self) -> LabelingWebServer:
         self._thread.start()
