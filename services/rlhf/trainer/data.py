@@ -273,4 +273,3 @@ def pad_right(sequences: list[list[int]], pad_value: int):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[row, : len(seq)] = 1
     return ids, mask
-
