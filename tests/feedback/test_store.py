@@ -296,3 +296,27 @@ def test_records_about_one_prompt_share_their_split(store):
     for m in store.export(snapshot="grouped"):
         split_of_prompt.setdefault(rec.prompt_value(rec.exported_record(m).prompt), set()).add(m.split)
     assert len(split_of_prompt) == 60 and all(len(s) == 1 for s in split_of_prompt.values())
+
+
+def test_a_write_transaction_stores_records_and_own_rows_together_or_not_at_all(store):
+    from rlhf.feedback.schema import labelers
+
+    rows = store.prepare("comparison", comparisons(2, prefix="tx", labeler="tx-labeler"))
+    with pytest.raises(RuntimeError, match="caller failed"):
+        with store.write_transaction() as tx:
+            assert tx.write_records("comparison", rows).created == 2
+            raise RuntimeError("caller failed after writing")
+    assert exported(store) == [] and store.stats().num_labelers == 0
+    with store.write_transaction() as tx:
+        result = tx.write_records("comparison", rows)
+        tx.execute(labelers.update().where(labelers.c.id == "tx-labeler").values(display_name="TX"))
+    assert result.created == 2 and len(exported(store)) == 2
+    assert store.has_labeler("tx-labeler") and not store.has_labeler("nobody")
+
+
+def test_prepare_refuses_a_bad_record_without_touching_the_database(store):
+    bad = comparisons(1)
+    bad[0].chosen_index = 5
+    with pytest.raises(InvalidArgument, match=r"comparisons\[0\]\.chosen_index"):
+        store.prepare("comparison", bad)
+    assert store.stats().num_labelers == 0

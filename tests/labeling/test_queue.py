@@ -11,7 +11,6 @@ import pytest
 from rlhf.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from rlhf.feedback.store import FeedbackStore
 from rlhf.labeling.queue import LabelingQueue
-from rlhf.labeling.sources import parse_task_line, prompts_without_tasks, read_task_jsonl, sample_tasks
 from rlhf.labeling.tasks import Judgment, TaskSpec, judgment_key
 from rlhf.v1 import feedback_pb2
 
@@ -227,34 +226,6 @@ def test_concurrent_claims_fill_each_task_exactly_to_its_redundancy(store, datab
     assert list(claimed.values()).count(None) == 2
 
 
-def test_overview_counts_judgments_and_pairwise_agreement(store):
-    queue = LabelingQueue(store, redundancy=3)
-    ids = queue.enqueue(pair_tasks(4) + [TaskSpec("rate", ["r"])]).ids
-    choices = {  # task index -> choices of ann, bob, cat (cat disagrees with the others on tasks 0-2)
-        0: (0, 0, 1),
-        1: (1, 1, 0),
-        2: (0, 0, 1),
-        3: (1, 1, 1),
-    }
-    for labeler, col in (("ann", 0), ("bob", 1), ("cat", 2)):
-        for i in range(4):
-            task = queue.next_task(labeler)
-            assert task.id == ids[i]
-            queue.submit(Judgment(task.id, labeler, chosen_index=choices[i][col]))
-        rate = queue.next_task(labeler)
-        queue.submit(Judgment(rate.id, labeler, score={"ann": 5, "bob": 6, "cat": 2}[labeler]))
-    overview = queue.overview(since_us=0, low_agreement=0.6, min_pairs=3)
-    people = {p.labeler_id: p for p in overview.labelers}
-    assert overview.judgments_total == 15 and overview.judgments_needed == 0
-    assert overview.multi_judged_tasks == 5 and overview.pairs == 15
-    # ann-bob agree on all 5; ann-cat and bob-cat agree only on task 3.
-    assert overview.agreed == 5 + 1 + 1
-    assert (people["ann"].pairs, people["ann"].agreed) == (10, 6)
-    assert (people["cat"].pairs, people["cat"].agreed) == (10, 2)
-    assert [p.labeler_id for p in overview.low_agreement] == ["cat"]
-    assert overview.tasks_complete == 5 and overview.tasks_open == 0
-
-
 def test_export_holds_only_judgments_from_the_queue(queue, store):
     store.add_comparisons(
         [
@@ -271,60 +242,3 @@ def test_export_holds_only_judgments_from_the_queue(queue, store):
     queue.submit(Judgment(task.id, "ann", chosen_index=0))
     keys = [r.comparison.idempotency_key for r in queue.export_judgments()]
     assert keys == [judgment_key(task.id, "ann")]
-
-
-def test_task_lines_parse_and_bad_lines_are_named():
-    spec = parse_task_line(
-        {"prompt": [{"role": "user", "content": "hi"}], "response": "hello", "redundancy": 3}
-    )
-    assert spec.responses == ["hello"] and spec.redundancy == 3
-    with pytest.raises(InvalidArgument, match="line 2.*responses"):
-        read_task_jsonl(['{"prompt": "a", "responses": ["x", "y"]}', '{"prompt": "b"}'])
-    with pytest.raises(InvalidArgument, match="line 1.*unknown fields"):
-        read_task_jsonl(['{"prompt": "a", "chosen": "x", "rejected": "y"}'])
-
-
-class _Sample:
-    def __init__(self, prompt_index, sample_index, text, policy_version=3):
-        self.prompt_index, self.sample_index, self.text, self.policy_version = (
-            prompt_index,
-            sample_index,
-            text,
-            policy_version,
-        )
-
-
-class _RecordingPolicy:
-    """Stands in for rlhf.generation.client.PolicyClient: returns fixed samples and records each call."""
-
-    def __init__(self, texts_per_prompt):
-        self.texts = texts_per_prompt
-        self.calls = []
-
-    def generate(self, prompts, *, n, **kw):
-        self.calls.append((list(prompts), n, kw))
-        start = sum(len(c[0]) for c in self.calls[:-1])
-        return [
-            _Sample(i, j, text)
-            for i in range(len(prompts))
-            for j, text in enumerate(self.texts[start + i][:n])
-        ]
-
-
-def test_sampled_tasks_come_from_stored_prompts_without_a_task(queue, store):
-    result = store.add_prompts([feedback_pb2.PromptRecord(prompt={"text": f"prompt {i}"}) for i in range(3)])
-    policy = _RecordingPolicy([["a", "b"], ["same", "same"], ["c", "d"]])
-    prompts = prompts_without_tasks(store)
-    assert [p for _, p in prompts] == ["prompt 0", "prompt 1", "prompt 2"]
-    specs, dropped = sample_tasks(policy, prompts, responses=2, batch_size=2, max_new_tokens=16)
-    assert dropped == 1  # two identical samples: nothing to compare
-    assert [c[1] for c in policy.calls] == [2, 2] and policy.calls[0][2] == {"max_new_tokens": 16}
-    queue.enqueue(specs)
-    task = queue.next_task("ann")
-    assert task.prompt_id == result.ids[0]
-    assert task.responses == [
-        {"text": "a", "model_version": "policy-v3"},
-        {"text": "b", "model_version": "policy-v3"},
-    ]
-    assert [p for _, p in prompts_without_tasks(store)] == ["prompt 1"]
-    assert len(exported(store, "prompt")) == 3  # no second copy of a stored prompt
