@@ -6,6 +6,7 @@ import pytest
 
 from rlhf.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from rlhf.feedback import records as rec
+from rlhf.feedback.schema import labelers
 from rlhf.feedback.store import FeedbackStore
 from rlhf.v1 import feedback_pb2
 
@@ -299,8 +300,6 @@ def test_records_about_one_prompt_share_their_split(store):
 
 
 def test_a_write_transaction_stores_records_and_own_rows_together_or_not_at_all(store):
-    from rlhf.feedback.schema import labelers
-
     rows = store.prepare("comparison", comparisons(2, prefix="tx", labeler="tx-labeler"))
     with pytest.raises(RuntimeError, match="caller failed"):
         with store.write_transaction() as tx:
