@@ -70,8 +70,9 @@ build() {
   export DOCKER_HOST="${DOCKER_HOST:-unix://$SOCKET}"
   local args=(--build-arg "PYTHON_IMAGE=$BASE_IMAGE") server=""
   if [ -n "$TORCH_WHEELS" ]; then
-    # The CPU torch wheel from this machine's folder, served to the build over loopback (--network host).
-    local port; port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+    # The CPU torch wheel from this machine's folder, served to the build over loopback (--network host), on
+    # a fixed port: the URL is a build argument, and a new one would invalidate the cached layers.
+    local port="${WHEELS_PORT:-18765}"
     python3 -m http.server "$port" --bind 127.0.0.1 --directory "$TORCH_WHEELS" >/dev/null 2>&1 &
     server=$!
     trap 'kill $server 2>/dev/null || true' RETURN

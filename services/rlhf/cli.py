@@ -51,6 +51,7 @@ COMMANDS: dict[tuple[str | None, str], str] = {
     ("feedback", "enqueue"): "rlhf.labeling.cli:ENQUEUE",
     ("reward", "score"): "rlhf.reward.cli:SCORE",
     ("k8s", "submit"): "rlhf.k8s.cli:SUBMIT",
+    ("k8s", "up"): "rlhf.k8s.cli:UP",
     (None, "demo"): "rlhf.demo.cli:DEMO",
 }
 
@@ -59,7 +60,7 @@ GROUP_HELP = {
     "train": "Run a trainer job: supervised fine-tuning, reward model or PPO.",
     "feedback": "Move human feedback in and out of the feedback store (JSONL).",
     "reward": "Use the reward scoring API from the command line.",
-    "k8s": "Submit and follow trainer Jobs on Kubernetes.",
+    "k8s": "Submit and follow trainer Jobs on Kubernetes; run the chart's pods on Docker (up --docker).",
 }
 
 

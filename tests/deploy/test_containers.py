@@ -24,7 +24,7 @@ from rlhf.feedback.client import FeedbackClient
 from .conftest import REPO
 
 docker = pytest.importorskip("docker")
-from rlhf.k8s.docker import DockerCluster, pods_from_manifests  # noqa: E402
+from rlhf.k8s.docker import DockerCluster, pods_from_manifests, rendered_objects  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.docker]
 
@@ -56,7 +56,9 @@ def _engine_answers(env) -> bool:
 @pytest.fixture(scope="module")
 def engine():
     """A Docker engine with rlhf:cpu and local/postgres built from this checkout; stopped if started here."""
-    if shutil.which("docker") is None or (shutil.which("dockerd") is None and not _engine_answers(os.environ)):
+    if shutil.which("docker") is None or (
+        shutil.which("dockerd") is None and not _engine_answers(os.environ)
+    ):
         if os.environ.get("CI"):
             pytest.fail("CI must run the container tests: install docker.io (make install does, as root)")
         pytest.skip("no Docker engine: apt-get install docker.io iptables debootstrap (make install does)")
@@ -75,18 +77,23 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def cluster(engine, render, tmp_path_factory):
-    objects = [obj for _, obj in render(VALUES, namespace=NAMESPACE)]
+def cluster(engine, tmp_path_factory):
+    objects = rendered_objects(VALUES, release="rlhf", namespace=NAMESPACE)
+    volumes_before = {v.name for v in engine.volumes.list()}
     cluster = DockerCluster(objects, namespace=NAMESPACE, prefix="rlhf-test", client=engine)
     try:
         models = tmp_path_factory.mktemp("models")
         cluster.put_folder("rlhf-models", make_tiny_causal_lm(models / "tiny-lm"), "tiny-lm", fs_group=10001)
-        cluster.put_folder("rlhf-models", make_tiny_reward_model(models / "tiny-rm"), "tiny-rm", fs_group=10001)
+        cluster.put_folder(
+            "rlhf-models", make_tiny_reward_model(models / "tiny-rm"), "tiny-rm", fs_group=10001
+        )
         yield cluster
     finally:
         cluster.close()
         left = engine.containers.list(all=True, filters={"label": "rlhf.k8s/cluster=rlhf-test"})
         assert not left, f"containers left behind: {[c.name for c in left]}"
+        new_volumes = {v.name for v in engine.volumes.list()} - volumes_before
+        assert not new_volumes, f"volumes left behind: {sorted(new_volumes)}"
 
 
 def _pods(cluster, kind: str | None = None, suffix: str = ""):
@@ -122,8 +129,10 @@ def test_sft_and_ppo_jobs_train_through_the_services_and_write_checkpoints_to_th
     target = f"{cluster.address(feedback)}:50053"
     with FeedbackClient(target, token=_token(cluster)) as client:
         client.add_demonstrations(
-            [rec.make_demonstration(f"Say something kind #{i}", "You are great.", idempotency_key=f"d{i}")
-             for i in range(12)]
+            [
+                rec.make_demonstration(f"Say something kind #{i}", "You are great.", idempotency_key=f"d{i}")
+                for i in range(12)
+            ]
         )
         client.create_snapshot("demos-v1", eval_fraction=0.25, seed=0)
     for kind in ("sft", "ppo"):

@@ -103,3 +103,69 @@ SUBMIT = Command(
     "completes (exit 0) or fails (exit 1). The Job reaches the release's Services by their DNS names and "
     "writes checkpoints to the release's checkpoint claim.",
 )
+
+
+def _up_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--docker",
+        action="store_true",
+        required=True,
+        help="Run on the Docker engine of $DOCKER_HOST (the only runtime `up` has; a cluster takes helm install).",
+    )
+    for flag, kwargs in (
+        (
+            ("-f", "--values"),
+            {"action": "append", "default": [], "metavar": "FILE", "help": "Chart values file."},
+        ),
+        (
+            ("--set",),
+            {"action": "append", "default": [], "metavar": "KEY=VALUE", "help": "Chart value override."},
+        ),
+        (("--release",), {"default": "rlhf", "help": "Release name (default rlhf)."}),
+        (("-n", "--namespace"), {"default": "default", "help": "Namespace in the Services' DNS names."}),
+        (("--chart",), {"help": "Chart folder (default: $RLHF_CHART or the checkout's charts/rlhf)."}),
+    ):
+        parser.add_argument(*flag, **kwargs)
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Render the chart, run its service pods as containers, wait for their probes, serve until Ctrl-C."""
+    import signal
+
+    from rlhf.k8s import jobs
+    from rlhf.k8s.docker import DockerCluster, pods_from_manifests, rendered_objects
+
+    values = jobs.load_values(args.values, args.set)
+    objects = rendered_objects(values, release=args.release, namespace=args.namespace, chart_dir=args.chart)
+    cluster = DockerCluster(objects, namespace=args.namespace, prefix=f"{args.release}-docker")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        services = [p for p in pods_from_manifests(objects) if p.kind in ("StatefulSet", "Deployment")]
+        for pod in sorted(services, key=lambda p: p.kind != "StatefulSet"):  # the database first
+            cluster.start_pod(pod)
+            cluster.wait_ready(pod)
+            print(f"{pod.name}: ready at {cluster.address(pod)}", file=sys.stderr)
+        print("all pods ready; Ctrl-C stops them (SIGTERM, the pods' grace periods)", file=sys.stderr)
+        signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for pod in pods_from_manifests(objects):
+            cluster.terminate(pod)
+        cluster.close()
+    return 0
+
+
+UP = Command(
+    help="Run the chart's service pods as containers on a local Docker engine (try it without Kubernetes).",
+    add_arguments=_up_arguments,
+    run=_up,
+    description="Render the chart with your values (-f/--set, as for helm install) and run every Deployment "
+    "and StatefulSet as containers exactly as the pod specs say (image, env, users, read-only roots, volumes, "
+    "init containers), on one Docker network where the Services' DNS names resolve; wait for their probes; "
+    "stop them gracefully on Ctrl-C. Images must be on the engine (make images builds rlhf:cpu).",
+)

@@ -28,8 +28,11 @@ from pathlib import Path
 
 import docker
 import grpc
+import yaml
 from docker.errors import NotFound
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rlhf.k8s.jobs import default_chart_dir, helm_engine
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,22 @@ class Pod:
     @property
     def grace_seconds(self) -> int:
         return int(self.spec.get("terminationGracePeriodSeconds", 30))
+
+
+def rendered_objects(
+    values: dict, *, release: str, namespace: str, chart_dir: str | None = None
+) -> list[dict]:
+    """The chart rendered offline with the real Helm engine (values checked against its schema first)."""
+    chart = helm_engine().Chart.load(str(chart_dir or default_chart_dir()))
+    chart.validate_schema(values)
+    manifests = chart.render(values, name=release, namespace=namespace)
+    return [
+        doc
+        for path, text in sorted(manifests.items())
+        if not path.endswith(".txt")
+        for doc in yaml.safe_load_all(text)
+        if doc
+    ]
 
 
 def pods_from_manifests(objects: list[dict]) -> list[Pod]:
@@ -86,10 +105,13 @@ def _selects(selector: dict, labels: dict) -> bool:
 
 
 def _decode(obj: dict) -> dict[str, bytes]:
-    data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
-    data.update({k: v.encode() for k, v in (obj.get("stringData") or {}).items()})
+    """A Secret's or ConfigMap's keys as bytes (Secret ``data`` is base64, ``stringData`` and ConfigMaps not)."""
     if obj["kind"] == "ConfigMap":
-        data = {k: v.encode() if isinstance(v, str) else v for k, v in (obj.get("data") or {}).items()}
+        data = {k: str(v).encode() for k, v in (obj.get("data") or {}).items()}
+        data.update({k: base64.b64decode(v) for k, v in (obj.get("binaryData") or {}).items()})
+        return data
+    data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+    data.update({k: str(v).encode() for k, v in (obj.get("stringData") or {}).items()})
     return data
 
 
@@ -155,14 +177,16 @@ class DockerCluster:
         if name not in self.volumes:
             volume = self.client.volumes.create(f"{self.prefix}-{name}")
             if fs_group is not None:
-                self.client.containers.run(
+                helper = self.client.containers.run(
                     self._any_image(),
-                    ["sh", "-c", f"chown root:{fs_group} /v && chmod 2775 /v"],
+                    ["-c", f"chown root:{fs_group} /v && chmod 2775 /v"],
                     user="0",
-                    entrypoint=[],
+                    entrypoint=["sh"],
                     volumes={volume.name: {"bind": "/v", "mode": "rw"}},
-                    remove=True,
+                    detach=True,
                 )
+                helper.wait()
+                helper.remove(v=True)
             self.volumes[name] = volume
         return self.volumes[name]
 
@@ -173,8 +197,11 @@ class DockerCluster:
 
     def _files_of(self, pod: Pod, volume: dict) -> Path:
         """A Secret or ConfigMap volume as a folder of read-only files (only ``items`` when given)."""
-        kind, ref = ("Secret", volume["secret"]["secretName"]) if "secret" in volume else (
-            "ConfigMap", volume["configMap"]["name"])
+        kind, ref = (
+            ("Secret", volume["secret"]["secretName"])
+            if "secret" in volume
+            else ("ConfigMap", volume["configMap"]["name"])
+        )
         source = volume.get("secret") or volume.get("configMap")
         data = self._data(kind, ref)
         items = source.get("items") or [{"key": k, "path": k} for k in data]
@@ -199,7 +226,9 @@ class DockerCluster:
             source = defined.get(mount["name"])
             if source is None and mount["name"] in pod.claim_templates:  # a StatefulSet's own claim
                 volumes[self._volume(f"{mount['name']}-{pod.name}", fs_group).name] = {
-                    "bind": mount["mountPath"], "mode": mode}
+                    "bind": mount["mountPath"],
+                    "mode": mode,
+                }
             elif "emptyDir" in source and source["emptyDir"].get("medium") == "Memory":
                 tmpfs[mount["mountPath"]] = "mode=1777"
             elif "emptyDir" in source:
@@ -270,7 +299,7 @@ class DockerCluster:
             container = self._create(options)
             status = container.wait(timeout=init_timeout)["StatusCode"]
             logs = container.logs(tail=30).decode(errors="replace")
-            container.remove()
+            container.remove(v=True)
             if status != 0:
                 raise RuntimeError(f"{pod.name}: init container {init['name']} exited {status}:\n{logs}")
         self.containers[pod.name] = []
@@ -291,7 +320,9 @@ class DockerCluster:
         return container.attrs["NetworkSettings"]["Networks"][self.network.name]["IPAddress"]
 
     def logs(self, pod: Pod, tail: int = 40) -> str:
-        return "\n".join(c.logs(tail=tail).decode(errors="replace") for c in self.containers.get(pod.name, []))
+        return "\n".join(
+            c.logs(tail=tail).decode(errors="replace") for c in self.containers.get(pod.name, [])
+        )
 
     # ---- probes -----------------------------------------------------------------------------------------
 
@@ -306,7 +337,8 @@ class DockerCluster:
                 stub = health_pb2_grpc.HealthStub(channel)
                 try:
                     reply = stub.Check(
-                        health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", "")), timeout=timeout
+                        health_pb2.HealthCheckRequest(service=probe["grpc"].get("service", "")),
+                        timeout=timeout,
                     )
                 except grpc.RpcError:
                     return False
@@ -329,8 +361,10 @@ class DockerCluster:
     def wait_probe(self, pod: Pod, container_index: int, probe: dict, what: str) -> float:
         """Poll until the probe passes; fail past the kubelet's deadline. Returns the seconds it took."""
         start = time.monotonic()
-        deadline = start + probe.get("initialDelaySeconds", 0) + probe.get("failureThreshold", 3) * probe.get(
-            "periodSeconds", 10
+        deadline = (
+            start
+            + probe.get("initialDelaySeconds", 0)
+            + probe.get("failureThreshold", 3) * probe.get("periodSeconds", 10)
         )
         container = self.containers[pod.name][container_index]
         while True:
@@ -340,7 +374,9 @@ class DockerCluster:
             if container.status == "exited":
                 raise ProbeFailed(f"{pod.name}: exited before its {what} probe passed:\n{self.logs(pod)}")
             if time.monotonic() > deadline:
-                raise ProbeFailed(f"{pod.name}: {what} probe still failing after the chart's timing\n{self.logs(pod)}")
+                raise ProbeFailed(
+                    f"{pod.name}: {what} probe still failing after the chart's timing\n{self.logs(pod)}"
+                )
             time.sleep(min(1.0, probe.get("periodSeconds", 10)))
 
     def wait_ready(self, pod: Pod) -> dict[str, float]:
@@ -379,7 +415,7 @@ class DockerCluster:
         except NotFound:
             return None
         finally:
-            container.remove()
+            container.remove(v=True)
         with tarfile.open(fileobj=BytesIO(b"".join(stream))) as tar:
             member = tar.next()
             return tar.extractfile(member).read() if member and member.isfile() else b""
@@ -387,21 +423,30 @@ class DockerCluster:
     def put_folder(self, claim: str, source: Path, target: str, fs_group: int | None = None) -> None:
         """Copy a folder of this machine into a claim's volume (pre-filling models, as users do)."""
         volume = self._volume(claim, fs_group)
+
+        def owned_by_fs_group(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            # what the kubelet does to a volume mounted with fsGroup: group-owned, group read-write
+            info.uid, info.gid, info.uname, info.gname = 0, fs_group or 0, "", ""
+            info.mode |= 0o070 if info.isdir() else 0o060
+            return info
+
         buffer = BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
-            tar.add(source, arcname=target.strip("/"))
+            tar.add(source, arcname=target.strip("/"), filter=owned_by_fs_group)
         container = self.client.containers.create(
             self._any_image(), entrypoint=["true"], volumes={volume.name: {"bind": "/claim", "mode": "rw"}}
         )
         try:
             container.put_archive("/claim", buffer.getvalue())
         finally:
-            container.remove()
+            container.remove(v=True)
 
     def close(self) -> None:
         """Remove every container, volume and the network this cluster made, and its files."""
-        for container in self.client.containers.list(all=True, filters={"label": f"rlhf.k8s/cluster={self.prefix}"}):
-            container.remove(force=True)
+        for container in self.client.containers.list(
+            all=True, filters={"label": f"rlhf.k8s/cluster={self.prefix}"}
+        ):
+            container.remove(force=True, v=True)
         for volume in self.volumes.values():
             volume.remove(force=True)
         self.network.remove()

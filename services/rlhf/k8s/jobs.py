@@ -32,7 +32,7 @@ CONFIG_TEMPLATE = "templates/configmap.yaml"
 INSTALL_HINT = "pip install 'rlhf-platform[k8s]'"
 
 
-def _helm():
+def helm_engine():
     try:
         import helm_python
     except ImportError as exc:  # the k8s extra; the services and trainers do not need it
@@ -69,7 +69,7 @@ def _deep_merge(base: dict, override: dict) -> dict:
 
 def load_values(values_files: Iterable[str | os.PathLike] = (), set_values: Iterable[str] = ()) -> dict:
     """Values as ``helm -f a.yaml -f b.yaml --set x=y`` would merge them (later wins)."""
-    helm_python = _helm() if set_values else None
+    helm_python = helm_engine() if set_values else None
 
     values: dict[str, Any] = {}
     for path in values_files:
@@ -109,7 +109,7 @@ def build_submission(
     name: str | None = None,
 ) -> tuple[dict, dict]:
     """(Job, ConfigMap) for ``rlhf train <kind>`` exactly as the chart's trainer Job template renders them."""
-    helm_python = _helm()
+    helm_python = helm_engine()
 
     if kind not in JOB_KINDS:
         raise ValueError(f"kind: {kind!r} is not one of {', '.join(JOB_KINDS)}")

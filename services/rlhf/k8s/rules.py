@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.k8s.jobs import _helm, default_chart_dir, load_values
+from rlhf.k8s.jobs import default_chart_dir, helm_engine, load_values
 
 RULE_TEMPLATE = "templates/monitoring/prometheusrule.yaml"
 HEADER = "# Generated from charts/rlhf (PrometheusRule, default values) by `python -m rlhf.k8s.rules`; do not edit.\n"
@@ -22,7 +22,7 @@ HEADER = "# Generated from charts/rlhf (PrometheusRule, default values) by `pyth
 
 def rule_groups(values: dict | None = None, chart_dir: str | Path | None = None) -> list[dict]:
     """``spec.groups`` of the chart's PrometheusRule rendered with ``values`` (prometheusRule forced on)."""
-    helm_python = _helm()
+    helm_python = helm_engine()
     values = dict(values or {})
     monitoring = dict(values.get("monitoring") or {})
     monitoring["prometheusRule"] = {**(monitoring.get("prometheusRule") or {}), "enabled": True}
