@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from rlhf.core.models import position_ids_from_mask
 from rlhf.rl.math import logprobs_from_logits
@@ -59,8 +60,6 @@ def backbone_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
             input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
         )
         return out.last_hidden_state, 0
-    from transformers import DynamicCache  # transformers loads in seconds: only where a model runs
-
     cache = DynamicCache()
     base(
         input_ids=input_ids[:1, :prefix_length],

@@ -25,7 +25,15 @@ from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any
 
+import torch
+
+from rlhf.core.chat import tokenize_prompt_response
+from rlhf.feedback import jsonl
 from rlhf.feedback import records as rec
+from rlhf.feedback.client import FeedbackClient
+from rlhf.feedback.config import FeedbackConfig
+from rlhf.feedback.store import FeedbackStore
+from rlhf.feedback.validation import rating_scale
 from rlhf.trainer.config import TrainJobConfig
 
 log = logging.getLogger("rlhf.trainer.data")
@@ -91,8 +99,6 @@ def _record_key(kind: str, message) -> str:
 
 
 def _read_jsonl_file(path: str) -> list:
-    from rlhf.feedback import jsonl
-
     with open(path, encoding="utf-8") as f:
         return jsonl.read_jsonl(f)
 
@@ -130,14 +136,9 @@ def iter_records(cfg: TrainJobConfig, kinds: Iterable[str]) -> Iterator[RawRecor
 
 def _export(cfg: TrainJobConfig, request) -> Iterator:
     if cfg.feedback_target:
-        from rlhf.feedback.client import FeedbackClient
-
         with FeedbackClient(cfg.feedback_target, token=cfg.feedback_token) as client:
             yield from client.export(request)
         return
-    from rlhf.feedback.config import FeedbackConfig
-    from rlhf.feedback.store import FeedbackStore
-
     config = FeedbackConfig(database_url=cfg.feedback_database_url)
     with FeedbackStore.from_config(config) as store:
         yield from store.export(request)
@@ -158,8 +159,6 @@ def comparison_pairs(message) -> list[tuple[int, int]]:
 
 def ratings_to_comparisons(ratings: Iterable[RawRecord], margin: float = 0.0) -> list[tuple[str, Comparison]]:
     """(split, Comparison) pairs from ratings of the same prompt in the same split (see module docstring)."""
-    from rlhf.feedback.validation import rating_scale
-
     groups: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     prompts: dict[tuple[str, str], Prompt] = {}
     for item in ratings:
@@ -244,8 +243,6 @@ def encode_sft_example(tokenizer, demo: Demonstration, max_length: int) -> tuple
     """(input ids, labels) with labels -100 on the prompt: the loss is on the response (and its EOS) only.
 
     Longer than ``max_length``: the response's end is cut. None when the prompt alone leaves no room."""
-    from rlhf.core.chat import tokenize_prompt_response
-
     prompt_ids, response_ids = tokenize_prompt_response(tokenizer, as_prompt(demo.prompt), demo.response)
     if len(prompt_ids) >= max_length - 1:
         return None
@@ -256,16 +253,12 @@ def encode_sft_example(tokenizer, demo: Demonstration, max_length: int) -> tuple
 
 def encode_scored_text(tokenizer, prompt: Prompt | tuple, response: str, max_length: int) -> list[int]:
     """Prompt + response (+EOS) as a reward model reads them; too long: the prompt's start is cut."""
-    from rlhf.core.chat import tokenize_prompt_response
-
     prompt_ids, response_ids = tokenize_prompt_response(tokenizer, as_prompt(prompt), response)
     return (prompt_ids + response_ids)[-max_length:]
 
 
 def pad_right(sequences: list[list[int]], pad_value: int):
     """(tensor [B, T], mask [B, T]) with ``pad_value`` after each sequence."""
-    import torch
-
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_value, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.core.errors import FailedPrecondition
 from rlhf.trainer.config import TrainJobConfig
 
 
@@ -44,8 +45,6 @@ def plan_steps(cfg: TrainJobConfig, num_examples: int, world_size: int = 1) -> S
 
 def check_resumed_plan(train_state: dict, plan: StepPlan, num_examples: int) -> None:
     """A resumed run must read the same batches: same global batch size and training set size."""
-    from rlhf.core.errors import FailedPrecondition
-
     saved = (train_state.get("batch_size"), train_state.get("num_examples"))
     if train_state and saved != (plan.batch_size, num_examples):
         raise FailedPrecondition(

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from rlhf.core.models import common_prefix_length, position_ids_from_mask
 from rlhf.rl.rollout import MIN_SHARED_PREFIX
@@ -170,8 +171,6 @@ class FeatureCache:
             self._done(len(batch))
 
     def _run_group_chunk(self, backbone, groups: list[tuple[int, list[int]]]) -> None:
-        from transformers import DynamicCache
-
         ids, mask = pad_right(
             [self.sequences[members[0]][:length] for length, members in groups], self.pad_id
         )

@@ -1,20 +1,18 @@
 """The TrainerService a running job serves (GetStatus, StreamProgress, SaveCheckpoint, Stop): a thin adapter
-over :class:`rlhf.trainer.job.TrainJob`, run in a background thread of the training process (rank 0 only)."""
+over the running job (:class:`ControlledJob`, which :class:`rlhf.trainer.job.TrainJob` is), run in a background thread of the training process (rank 0 only)."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from rlhf.core.server import ServerHandle, ServerThread, ServiceDef
 from rlhf.trainer.config import TrainJobConfig
 from rlhf.v1 import trainer_pb2, trainer_pb2_grpc
-
-if TYPE_CHECKING:
-    from rlhf.trainer.job import TrainJob
 
 SERVICE_NAME = "rlhf.v1.TrainerService"
 #: Job kinds (the names of run folders and metric labels) and their JobKind in the status messages.
@@ -30,6 +28,16 @@ TERMINAL_STATES = (
 )
 
 
+class ControlledJob(Protocol):
+    """What the servicer needs of a job: its status, and thread-safe checkpoint and stop requests."""
+
+    def status(self) -> trainer_pb2.JobStatus: ...
+
+    def request_checkpoint(self) -> concurrent.futures.Future: ...
+
+    def request_stop(self, reason: str) -> None: ...
+
+
 def timestamp(seconds: float) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
@@ -39,7 +47,7 @@ def timestamp(seconds: float) -> Timestamp:
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     """Thin adapter: reads the job's status, forwards checkpoint and stop requests to the training loop."""
 
-    def __init__(self, job: TrainJob):
+    def __init__(self, job: ControlledJob):
         self.job = job
         self.loop: asyncio.AbstractEventLoop | None = None
         self._subscribers: set[asyncio.Queue] = set()
