@@ -58,9 +58,7 @@ lock-upgrade: ## Regenerate the locks with the newest releases inside pyproject.
 	$(MAKE) --no-print-directory lock LOCK_UPGRADE=--upgrade
 
 images: install ## Build the CPU image (rlhf:cpu) and local/postgres on a local engine; sizes and times printed
-	deploy/docker/local-engine.sh start
-	DOCKER_HOST=$$(deploy/docker/local-engine.sh start | cut -d= -f2) deploy/docker/local-engine.sh base
-	DOCKER_HOST=$$(deploy/docker/local-engine.sh start | cut -d= -f2) deploy/docker/local-engine.sh build
+	deploy/docker/local-engine.sh images
 
 protos: ## Regenerate services/rlhf/v1 from protos/rlhf/v1/*.proto
 	$(PYTHON) protos/generate.py

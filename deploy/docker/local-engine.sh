@@ -6,6 +6,7 @@
 #   deploy/docker/local-engine.sh build    rlhf:cpu (deploy/Dockerfile.cpu) on that base, torch from $TORCH_WHEELS,
 #                                          and local/postgres:15-bookworm (deploy/docker/Dockerfile.postgres)
 #   deploy/docker/local-engine.sh stop     stop the engine started by `start`
+#   deploy/docker/local-engine.sh images   start, base and build (what `make images` runs; the engine keeps running)
 #
 # `start` prints the DOCKER_HOST to export. With an engine of your own (DOCKER_HOST answering, or Docker Desktop),
 # skip start/stop; `build` with PYTHON_IMAGE=python:3.11-slim-bookworm and TORCH_WHEELS= uses the public base
@@ -93,5 +94,6 @@ case "${1:-}" in
   stop) stop ;;
   base) base ;;
   build) build ;;
-  *) sed -n "2,12p" "$0"; exit 2 ;;
+  images) eval "$(start)"; base; build ;;
+  *) sed -n "2,13p" "$0"; exit 2 ;;
 esac
