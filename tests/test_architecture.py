@@ -206,3 +206,42 @@ def test_no_function_over_80_lines_and_no_file_over_500_lines():
     assert not offenders, f"{len(offenders)} too long, longest first:\n" + "\n".join(
         text for _, text in offenders
     )
+
+
+def _imports_of(path: Path, module: str) -> set[str]:
+    """Every dotted name a module imports (module level, in functions and type-only alike)."""
+    names = set()
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names.update(_imported_names(node, module, path.name == "__init__.py"))
+    return names
+
+
+# The pure layer (RL math, rollout tensors, forwards, learner) reads tensors and returns tensors: no job shell,
+# no generated protobuf code, no gRPC, no service.
+PURE_LAYER = "rlhf.rl"
+NOT_IN_PURE_LAYER = (
+    "rlhf.trainer",
+    "rlhf.v1",
+    "grpc",
+    "rlhf.generation",
+    "rlhf.reward",
+    "rlhf.feedback",
+    "rlhf.labeling",
+    "rlhf.demo",
+    "rlhf.k8s",
+    "rlhf.bench",
+    "rlhf.core.server",
+    "rlhf.core.client",
+)
+
+
+def test_the_pure_rl_layer_imports_no_job_shell_grpc_or_service():
+    offenders = []
+    for module, path in _modules().items():
+        if module != PURE_LAYER and not module.startswith(PURE_LAYER + "."):
+            continue
+        for name in sorted(_imports_of(path, module)):
+            if any(name == banned or name.startswith(banned + ".") for banned in NOT_IN_PURE_LAYER):
+                offenders.append(f"{path.relative_to(REPO_ROOT)} imports {name}")
+    assert not offenders, "the pure layer rlhf.rl must not import these:\n" + "\n".join(offenders)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -41,13 +41,48 @@ from rlhf.rl.math import (
     ppo_value_loss,
     rloo_advantages,
 )
+from rlhf.rl.optim import Schedule, grad_norm, make_scheduler, weight_decay_groups
 from rlhf.rl.rollout import Rollout
-from rlhf.trainer.config import PPOConfig
-from rlhf.trainer.loop import make_scheduler
 
 PhaseTimer = Callable[[str], contextlib.AbstractContextManager]
 FirstForwardMode = Literal["fused", "skipped", "separate"]
 LOSS_STATS = ("policy_loss", "value_loss", "clipfrac", "approx_kl", "vf_clipfrac", "ratio", "grad_norm")
+
+
+class PPOHyperparameters(Protocol):
+    """The hyperparameters the learner reads (names as TRL's; rlhf.trainer.config.PPOConfig documents each)."""
+
+    # rollout shape
+    micro_batch_size: int  # largest forward/backward batch
+    samples_per_prompt: int  # responses per prompt (RLOO's groups)
+    temperature: float  # of the sampling, so of the logprobs too
+    reuse_generation_logprobs: bool  # the service's logprobs as old logprobs when its weights are ours
+    # rewards and advantages
+    kl_coef: float
+    adaptive_kl: bool
+    target_kl: float
+    kl_horizon: float
+    kl_estimator: Literal["k1", "k3"]
+    missing_eos_penalty: float | None
+    reward_clip: float | None
+    whiten_rewards: bool
+    advantage_estimator: Literal["gae", "rloo"]
+    gamma: float
+    lam: float
+    # the update
+    num_ppo_epochs: int
+    num_mini_batches: int
+    cliprange: float
+    cliprange_value: float
+    vf_coef: float
+    max_grad_norm: float
+    # optimizer and schedule
+    learning_rate: float
+    value_learning_rate: float
+    weight_decay: float
+    adam_betas: tuple[float, float]
+    lr_scheduler: Schedule
+    warmup_steps: int
 
 
 def no_phase(name: str) -> contextlib.AbstractContextManager:
@@ -76,7 +111,7 @@ class Advantages:
     non_score_reward: torch.Tensor  # -kl_coef * kl
 
 
-def first_forward_mode(cfg: PPOConfig, batch: int, micro: int, reuse: bool) -> FirstForwardMode:
+def first_forward_mode(cfg: PPOHyperparameters, batch: int, micro: int, reuse: bool) -> FirstForwardMode:
     """'fused' (one minibatch of one micro-batch: keep the graph), 'skipped' (RLOO with the service's
     logprobs), else 'separate' (a no-grad pass in micro-batches)."""
     if cfg.num_mini_batches == 1 and micro >= batch:
@@ -97,7 +132,7 @@ def estimate_advantages(
     ref_logprobs: torch.Tensor,
     values: torch.Tensor,
     kl_coef: float,
-    cfg: PPOConfig,
+    cfg: PPOHyperparameters,
 ) -> Advantages:
     """Shaped rewards (score on the last token, -kl_coef * KL on every token), GAE or RLOO, whitening.
 
@@ -116,7 +151,7 @@ def estimate_advantages(
     return Advantages(masked_whiten(advantages, mask), returns, kl, non_score_reward)
 
 
-def score_shaping(rollout: Rollout, cfg: PPOConfig) -> dict:
+def score_shaping(rollout: Rollout, cfg: PPOHyperparameters) -> dict:
     """compute_rewards' arguments that turn a score into the last token's reward (EOS penalty, clipping)."""
     return {
         "ended_with_eos": rollout.ended_with_eos,
@@ -125,7 +160,7 @@ def score_shaping(rollout: Rollout, cfg: PPOConfig) -> dict:
     }
 
 
-def shaped_scores(rollout: Rollout, cfg: PPOConfig) -> torch.Tensor:
+def shaped_scores(rollout: Rollout, cfg: PPOHyperparameters) -> torch.Tensor:
     """The score part of the shaped rewards (EOS penalty, clipping), per response. (B,)"""
     zeros = torch.zeros_like(rollout.gen_logprobs)
     rewards, _, _ = compute_rewards(
@@ -140,7 +175,7 @@ def ppo_loss(
     adv: Advantages,
     rows: torch.Tensor,
     mask: torch.Tensor,
-    cfg: PPOConfig,
+    cfg: PPOHyperparameters,
     vf_coef: float,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """loss = pg_loss + vf_coef * vf_loss on the micro-batch ``rows``; returns (loss, its statistics)."""
@@ -164,30 +199,21 @@ def ppo_loss(
     return loss, stats
 
 
-def grad_norm(params: list[torch.Tensor], max_grad_norm: float) -> torch.Tensor:
-    """The gradients' global norm, clipped to ``max_grad_norm`` when it is > 0 (the norm before clipping)."""
-    if max_grad_norm > 0:
-        return torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
-
-
 @dataclass
 class PPOLearner:
     """The policy, its value head, the optimizer and the KL controller: one rollout in, one PPO update out."""
 
     policy: nn.Module
     value_head: ValueHead
-    cfg: PPOConfig
+    cfg: PPOHyperparameters
     total_iterations: int
     optimizer: torch.optim.Optimizer = field(init=False)
     scheduler: torch.optim.lr_scheduler.LambdaLR = field(init=False)
     kl_ctl: AdaptiveKLController | FixedKLController = field(init=False)
 
     def __post_init__(self) -> None:
-        params = [p for p in self.policy.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.cfg.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+            *weight_decay_groups(self.policy.parameters(), self.cfg.weight_decay),
             {
                 "params": list(self.value_head.parameters()),
                 "weight_decay": 0.0,
@@ -199,7 +225,9 @@ class PPOLearner:
         self.optimizer = torch.optim.AdamW(
             groups, lr=self.cfg.learning_rate, betas=tuple(self.cfg.adam_betas), fused=fused
         )
-        self.scheduler = make_scheduler(self.cfg, self.optimizer, self.total_iterations)
+        self.scheduler = make_scheduler(
+            self.optimizer, self.total_iterations, self.cfg.lr_scheduler, self.cfg.warmup_steps
+        )
         if self.cfg.adaptive_kl:
             self.kl_ctl = AdaptiveKLController(self.cfg.kl_coef, self.cfg.target_kl, self.cfg.kl_horizon)
         else:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.core.errors import FailedPrecondition
+from rlhf.rl.optim import grad_norm, weight_decay_groups
 from rlhf.trainer.config import TrainJobConfig
 
 
@@ -92,39 +93,8 @@ def chunks(items: Sequence, size: int) -> Iterator[list]:
 
 def make_optimizer(cfg: TrainJobConfig, parameters) -> torch.optim.Optimizer:
     """AdamW without weight decay on biases and norm weights (1-D tensors)."""
-    params = [p for p in parameters if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(parameters, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=tuple(cfg.adam_betas))
-
-
-def make_scheduler(cfg: TrainJobConfig, optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then constant, linear or cosine decay to 0 at ``total_steps``."""
-    warmup = cfg.warmup_steps
-    kind = cfg.lr_scheduler
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        if kind == "constant":
-            return 1.0
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the gradient norm (when max_norm > 0) and return the norm before clipping."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    if not params:
-        return 0.0
-    if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
 
 
 def accumulating(ddp_module: torch.nn.Module, micro_batches: list, distributed: bool) -> Iterator:
@@ -138,8 +108,8 @@ def accumulating(ddp_module: torch.nn.Module, micro_batches: list, distributed: 
 
 def optimizer_step(model: torch.nn.Module, optimizer, scheduler, max_grad_norm: float) -> float:
     """Clip, step the optimizer and the schedule, clear the gradients; returns the norm before clipping."""
-    grad_norm = clip_gradients(model, max_grad_norm)
+    norm = float(grad_norm(model.parameters(), max_grad_norm))
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return norm

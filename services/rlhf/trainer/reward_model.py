@@ -41,6 +41,7 @@ from rlhf.core.models import (
     set_torch_threads,
 )
 from rlhf.reward.checkpoint import save_reward_checkpoint
+from rlhf.rl.optim import make_scheduler
 from rlhf.trainer import distributed
 from rlhf.trainer.config import RewardModelConfig
 from rlhf.trainer.data import (
@@ -56,7 +57,6 @@ from rlhf.trainer.loop import (
     check_resumed_plan,
     chunks,
     make_optimizer,
-    make_scheduler,
     optimizer_step,
     plan_state,
     plan_steps,
@@ -223,7 +223,7 @@ def make_optimizer_and_scheduler(cfg: RewardModelConfig, model, total_steps: int
     optimizer.add_param_group(
         {"params": head, "weight_decay": 0.0, "lr": cfg.head_learning_rate or cfg.learning_rate}
     )
-    return optimizer, make_scheduler(cfg, optimizer, total_steps)
+    return optimizer, make_scheduler(optimizer, total_steps, cfg.lr_scheduler, cfg.warmup_steps)
 
 
 def check_resumed_order(resumed: dict, cfg: RewardModelConfig) -> None:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from rlhf.core.files import atomic_folder
 from rlhf.core.models import causal_lm_logits, load_causal_lm, load_tokenizer, set_torch_threads
+from rlhf.rl.optim import make_scheduler
 from rlhf.trainer import distributed
 from rlhf.trainer.config import SFTConfig
 from rlhf.trainer.data import encode_sft_example, load_demonstrations, pad_right
@@ -28,7 +29,6 @@ from rlhf.trainer.loop import (
     check_resumed_plan,
     chunks,
     make_optimizer,
-    make_scheduler,
     optimizer_step,
     plan_state,
     plan_steps,
@@ -162,7 +162,7 @@ def run_sft(cfg: SFTConfig) -> Path:
             model.train()
             ddp_model = distributed.wrap(model, info)
             optimizer = make_optimizer(cfg, model.parameters())
-            scheduler = make_scheduler(cfg, optimizer, plan.total_steps)
+            scheduler = make_scheduler(optimizer, plan.total_steps, cfg.lr_scheduler, cfg.warmup_steps)
             job.track("model", model, tokenizer=tokenizer)
             job.track("optimizer", optimizer)
             job.track("scheduler", scheduler)
