@@ -14,7 +14,7 @@ SERVICES = {
 }
 
 
-def test_every_job_trains_on_its_snapshot_in_its_own_folder_on_the_cpu(tmp_path):
+def test_every_job_trains_on_its_snapshot_in_its_own_folder_and_the_supervised_ones_on_the_cpu(tmp_path):
     settings = PRESETS["tiny"]
     configs = {
         "sft": sft_config(settings, Path("base"), SERVICES, "demo-sft-s0", tmp_path),
@@ -22,9 +22,11 @@ def test_every_job_trains_on_its_snapshot_in_its_own_folder_on_the_cpu(tmp_path)
         "ppo": ppo_config(settings, Path("sft"), SERVICES, "demo-ppo-prompts-s0", tmp_path),
     }
     for job, cfg in configs.items():
-        assert cfg.run_dir == str(tmp_path / job) and cfg.device == "cpu"
+        assert cfg.run_dir == str(tmp_path / job)
         assert cfg.feedback_target == "127.0.0.1:1" and cfg.max_length == settings.max_length
         assert cfg.snapshot.startswith("demo-") and cfg.metrics_port == -1
+    assert configs["sft"].device == configs["reward_model"].device == "cpu"
+    assert not hasattr(configs["ppo"], "device") and not hasattr(configs["ppo"], "eval_every")
     assert configs["sft"].model == "base" and configs["sft"].learning_rate == settings.sft_learning_rate
     rm = configs["reward_model"]
     assert (rm.trainable_layers, rm.head_learning_rate) == (

@@ -28,7 +28,9 @@ def _cfg(run_dir, **kw) -> SFTConfig:
 
 def _toy_run(cfg: SFTConfig, total: int, stop_after=None, on_step=None, signals=False, raise_stopped=False):
     """A toy regression loop in the job shell; returns (weights, job)."""
-    job = TrainJob(cfg, kind="sft", total_steps=total, install_signal_handlers=signals)
+    job = TrainJob(
+        cfg, kind="sft", total_steps=total, eval_every=cfg.eval_every, install_signal_handlers=signals
+    )
     with contextlib.nullcontext() if raise_stopped else contextlib.suppress(JobStopped), job:
         model = torch.nn.Linear(4, 1)
         opt = torch.optim.AdamW(model.parameters(), lr=0.05)

@@ -66,8 +66,8 @@ def start_services(
 def _job_common(
     settings: DemoConfig, run_dir: Path, job: str, *, model: Path, snapshot: str, feedback_target: str
 ) -> dict:
-    """What every trainer job of the demo shares: on this machine's CPU, no own server or metrics port, no
-    intermediate checkpoints, its run folder ``run_dir/job``, its data a snapshot of the demo's store."""
+    """What every trainer job of the demo shares: no own server or metrics port, no intermediate checkpoints,
+    its run folder ``run_dir/job``, its data a snapshot of the demo's store."""
     return dict(
         port=0,
         metrics_port=-1,
@@ -78,14 +78,16 @@ def _job_common(
         feedback_target=feedback_target,
         seed=settings.seed,
         torch_threads=settings.torch_threads,
-        device="cpu",
         max_length=settings.max_length,
-        eval_every=0,
         checkpoint_every=0,
         keep_checkpoints=1,
         progress=settings.progress,
         log_level="WARNING",
     )
+
+
+#: The supervised jobs (SFT, reward model) of the demo: on this machine's CPU, evaluated once, at the end.
+SUPERVISED = {"device": "cpu", "eval_every": 0}
 
 
 def sft_config(
@@ -95,6 +97,7 @@ def sft_config(
     feedback = services["feedback"].target
     return SFTConfig(
         **_job_common(settings, run_dir, "sft", model=base, snapshot=snapshot, feedback_target=feedback),
+        **SUPERVISED,
         epochs=settings.sft_epochs,
         learning_rate=settings.sft_learning_rate,
         batch_size=settings.sft_batch_size,
@@ -113,6 +116,7 @@ def reward_model_config(
     )
     return RewardModelConfig(
         **common,
+        **SUPERVISED,
         epochs=settings.rm_epochs,
         learning_rate=settings.rm_learning_rate,
         head_learning_rate=settings.head_learning_rate,

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from rlhf.core.config import ServerConfig
+from rlhf.core.config import ServerConfig, metrics_port_field, port_field
 
 
 class FeedbackConfig(ServerConfig):
@@ -20,13 +20,8 @@ class FeedbackConfig(ServerConfig):
 
     section: ClassVar[str] = "feedback"
 
-    port: int = Field(50053, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
-    metrics_port: int = Field(
-        9093,
-        ge=-1,
-        le=65535,
-        description="Prometheus /metrics HTTP port (0 = pick a free port, -1 = disabled).",
-    )
+    port: int = port_field(50053)
+    metrics_port: int = metrics_port_field(9093)
     database_url: str = Field(
         "sqlite:///./feedback.db",
         description="SQLAlchemy URL: sqlite:///path/to/file.db (default, embedded) or postgresql://user:pass@host:5432/db.",

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from rlhf.core.config import ServerConfig
+from rlhf.core.config import ServerConfig, metrics_port_field, port_field
 
 
 class GenerationConfig(ServerConfig):
@@ -14,13 +14,8 @@ class GenerationConfig(ServerConfig):
 
     section: ClassVar[str] = "generation"
 
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
-    metrics_port: int = Field(
-        9091,
-        ge=-1,
-        le=65535,
-        description="Prometheus /metrics HTTP port (0 = pick a free port, -1 = disabled).",
-    )
+    port: int = port_field(50051)
+    metrics_port: int = metrics_port_field(9091)
     model: str = Field(
         "default",
         description="Hugging Face causal LM folder, or 'default' for the built-in SmolLM2-135M-Instruct "

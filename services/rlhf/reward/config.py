@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from rlhf.core.config import ServerConfig
+from rlhf.core.config import ServerConfig, metrics_port_field, port_field
 
 
 class RewardConfig(ServerConfig):
@@ -15,13 +15,8 @@ class RewardConfig(ServerConfig):
 
     section: ClassVar[str] = "reward"
 
-    port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 = pick a free port).")
-    metrics_port: int = Field(
-        9092,
-        ge=-1,
-        le=65535,
-        description="Prometheus /metrics HTTP port (0 = pick a free port, -1 = disabled).",
-    )
+    port: int = port_field(50052)
+    metrics_port: int = metrics_port_field(9092)
     model: str | None = Field(
         None,
         description="Reward-model checkpoint folder (HF sequence classifier with one label, tokenizer, "

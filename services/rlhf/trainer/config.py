@@ -1,9 +1,10 @@
 """Configuration of the trainer jobs: one pydantic model per job, loaded from YAML, environment and flags.
 
 ``TrainJobConfig`` holds what every job shares (run folder and resume, seed, model, where the data comes from,
-batch sizes and optimizer, step budget, eval/checkpoint cadence, and the job's own TrainerService server via
-:class:`rlhf.core.config.ServerConfig`). ``SFTConfig`` (section ``sft``) and ``RewardModelConfig`` (section
-``reward_model``) add their own fields. The PPO job's config is ``PPOConfig(TrainJobConfig)`` with section
+batch sizes and optimizer, step budget, checkpoint cadence, and the job's own TrainerService server via
+:class:`rlhf.core.config.ServerConfig`). ``SupervisedJobConfig`` adds what the supervised jobs share (device,
+eval batch size and cadence); ``SFTConfig`` (section ``sft``) and ``RewardModelConfig`` (section
+``reward_model``) extend it with their own fields. The PPO job's config is ``PPOConfig(TrainJobConfig)`` with section
 ``ppo``.
 
 Environment: ``RLHF_<FIELD>`` for every job, ``RLHF_SFT_<FIELD>`` / ``RLHF_REWARD_MODEL_<FIELD>`` /
@@ -56,10 +57,6 @@ class TrainJobConfig(ServerConfig):
         "default",
         description="Starting model: an HF folder, or 'default' for the built-in SmolLM2-135M-Instruct.",
     )
-    device: str = Field(
-        "auto",
-        description="'auto' (cuda when available, under torchrun cuda:LOCAL_RANK), 'cpu' or 'cuda[:N]'.",
-    )
     max_length: int = Field(512, ge=8, description="Longest prompt+response in tokens; longer ones are cut.")
 
     # ---- data: a feedback-store snapshot, or a JSONL file for offline use ----
@@ -90,7 +87,6 @@ class TrainJobConfig(ServerConfig):
     micro_batch_size: int = Field(
         8, ge=1, description="Largest forward/backward batch on one rank (gradient accumulation above it)."
     )
-    eval_batch_size: int = Field(16, ge=1, description="Examples per forward pass during evaluation.")
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate of AdamW.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
@@ -103,9 +99,6 @@ class TrainJobConfig(ServerConfig):
     max_steps: int = Field(0, ge=0, description="Optimizer steps to run (0 = as many as epochs need).")
 
     # ---- cadence ----
-    eval_every: int = Field(
-        50, ge=0, description="Evaluate every N steps and at the end (0 = only at the end)."
-    )
     checkpoint_every: int = Field(
         100, ge=0, description="Checkpoint every N steps (0 = only on request/stop)."
     )
@@ -130,7 +123,20 @@ class TrainJobConfig(ServerConfig):
         return Path("runs") / f"{self.kind}-{stamp}"
 
 
-class SFTConfig(TrainJobConfig):
+class SupervisedJobConfig(TrainJobConfig):
+    """What the supervised jobs (SFT, reward model) add: their device, and an eval set scored as they train."""
+
+    device: str = Field(
+        "auto",
+        description="'auto' (cuda when available, under torchrun cuda:LOCAL_RANK), 'cpu' or 'cuda[:N]'.",
+    )
+    eval_batch_size: int = Field(16, ge=1, description="Examples per forward pass during evaluation.")
+    eval_every: int = Field(
+        50, ge=0, description="Evaluate every N steps and at the end (0 = only at the end)."
+    )
+
+
+class SFTConfig(SupervisedJobConfig):
     """Supervised fine-tuning on demonstrations: loss on the response tokens only."""
 
     section: ClassVar[str] = "sft"
@@ -139,7 +145,7 @@ class SFTConfig(TrainJobConfig):
     learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate of AdamW.")
 
 
-class RewardModelConfig(TrainJobConfig):
+class RewardModelConfig(SupervisedJobConfig):
     """A reward model on comparisons (and ratings turned into comparisons), Bradley–Terry loss."""
 
     section: ClassVar[str] = "reward_model"

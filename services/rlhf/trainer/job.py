@@ -15,7 +15,7 @@ A :class:`TrainJob` gives a training loop, with a few calls:
 
 Usage (the whole contract)::
 
-    with TrainJob(cfg, kind="sft", total_steps=n_steps) as job:  # seeds Python/NumPy/torch with cfg.seed
+    with TrainJob(cfg, kind="sft", total_steps=n_steps, eval_every=cfg.eval_every) as job:  # seeds with cfg.seed
         job.track("model", model, tokenizer=tokenizer)  # HF model: save_pretrained into step-N/model
         job.track("optimizer", optimizer)                # anything with state_dict()/load_state_dict()
         job.track("scheduler", scheduler)
@@ -32,8 +32,8 @@ Usage (the whole contract)::
 
 ``finish`` raises :class:`JobStopped` when the job stopped before its last step (its checkpoint is written;
 ``--resume`` continues it). ``end_step`` increments ``job.step``, calls ``evaluate()`` when due (every
-``cfg.eval_every`` steps and at the last step), logs, and checkpoints when due (every ``cfg.checkpoint_every``
-steps), when a SaveCheckpoint RPC asked for one, or when a stop was requested (then ``job.done`` is true).
+``eval_every`` steps given to TrainJob, and at the last step), logs, and checkpoints when due (every
+``cfg.checkpoint_every`` steps), when a SaveCheckpoint RPC asked for one, or when a stop was requested (then ``job.done`` is true).
 ``train_state`` must be torch-saveable (ints, floats, lists, dicts, tensors); put the data position there
 (e.g. epoch and batch index) and, for PPO, anything the loop needs to continue (KL controller value, policy
 version: the key ``policy_version`` is also reported in the Checkpoint message). Call ``job.save_checkpoint()``
@@ -117,6 +117,7 @@ class TrainJob:
         kind: str,
         total_steps: int,
         snapshot: str | None = None,
+        eval_every: int = 0,
         install_signal_handlers: bool = True,
     ):
         if kind not in KINDS:
@@ -124,6 +125,7 @@ class TrainJob:
         self.cfg = cfg
         self.kind = kind
         self.total_steps = int(total_steps)
+        self.eval_every = int(eval_every)
         self.run_dir = cfg.resolved_run_dir().resolve()
         self.checkpoint_dir = self.run_dir / "checkpoints"
         self.metrics_path = self.run_dir / "metrics.jsonl"
@@ -462,7 +464,7 @@ class TrainJob:
             values[f"time/{phase_name}"] = seconds
         self._phase_times = {}
         eval_due = evaluate is not None and (
-            self.step >= self.total_steps or (self.cfg.eval_every and self.step % self.cfg.eval_every == 0)
+            self.step >= self.total_steps or (self.eval_every and self.step % self.eval_every == 0)
         )
         if eval_due:
             with self.phase("eval"):

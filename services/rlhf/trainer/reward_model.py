@@ -349,7 +349,9 @@ def run_reward_model(cfg: RewardModelConfig) -> Path:
             plan.total_steps,
             plan.batch_size,
         )
-        with TrainJob(cfg, kind="reward_model", total_steps=plan.total_steps) as job:
+        with TrainJob(
+            cfg, kind="reward_model", total_steps=plan.total_steps, eval_every=cfg.eval_every
+        ) as job:
             model, tokenizer = init_reward_model_from_causal_lm(cfg.model)  # inside the job: seeded head
             model.to(info.device).train()
             split = freeze_lower_part(model, cfg.trainable_layers) if cfg.trainable_layers else 0

@@ -157,7 +157,7 @@ def run_sft(cfg: SFTConfig) -> Path:
             plan.batch_size,
             plan.steps_per_epoch,
         )
-        with TrainJob(cfg, kind="sft", total_steps=plan.total_steps) as job:
+        with TrainJob(cfg, kind="sft", total_steps=plan.total_steps, eval_every=cfg.eval_every) as job:
             model = load_causal_lm(cfg.model).to(info.device)
             model.train()
             ddp_model = distributed.wrap(model, info)
