@@ -76,7 +76,8 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
-def _read_tokens(config: ServerConfig) -> set[str]:
+def read_auth_tokens(config: ServerConfig) -> set[str]:
+    """The bearer tokens a server accepts: ``auth_token`` and the lines of ``auth_token_file`` (no comments)."""
     tokens = set()
     if config.auth_token:
         tokens.add(config.auth_token.strip())
@@ -268,7 +269,7 @@ def build_server(
 ) -> grpc.aio.Server:
     """The gRPC server with the interceptor, ``services``, health and reflection, bound to its port (set on
     ``handle``; TLS when the config names a certificate and key)."""
-    tokens = _read_tokens(config)
+    tokens = read_auth_tokens(config)
     names = [s.name for s in services]
     server = grpc.aio.server(
         interceptors=[ServerInterceptor(tokens, handle.ready)],

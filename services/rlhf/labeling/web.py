@@ -13,7 +13,7 @@ import threading
 from flask import Flask
 from werkzeug.serving import make_server
 
-from rlhf.core.server import _read_tokens
+from rlhf.core.server import read_auth_tokens
 from rlhf.feedback.config import FeedbackConfig
 from rlhf.feedback.store import FeedbackStore
 from rlhf.labeling.app import create_app, labeling_state
@@ -29,7 +29,7 @@ def app_from_config(store: FeedbackStore, config: FeedbackConfig) -> Flask:
         queue,
         tokens_file=config.labeling_tokens_file,
         admins=config.labeling_admins,
-        service_tokens=_read_tokens(config),
+        service_tokens=read_auth_tokens(config),
         secret_key_file=config.labeling_secret_key_file,
         low_agreement=config.labeling_low_agreement,
         min_pairs=config.labeling_min_pairs,
