@@ -64,5 +64,7 @@ def pytest_report_header(config):
     for name, version in listed.items():
         have = installed.get(name, "not installed")
         parts.append(f"{name} {have}" + ("" if have == version else f" (last run with {version})"))
-    python_pins = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("torch", "transformers", "grpcio", "protobuf"))
+    python_pins = ", ".join(
+        f"{p} {importlib.metadata.version(p)}" for p in ("torch", "transformers", "grpcio", "protobuf")
+    )
     return [f"system packages: {'; '.join(parts)}", f"python packages (requirements.lock): {python_pins}"]

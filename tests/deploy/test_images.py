@@ -32,7 +32,9 @@ def test_image_runs_rlhf_as_a_non_root_user_without_baked_in_weights(name):
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert re.search(r'^ENTRYPOINT \["rlhf"\]', final_stage, re.M)
     lock = "requirements-serve.lock" if name.endswith("cpu") else "requirements-cuda.lock"
-    assert re.search(rf"pip install --require-hashes --no-deps [^\n]*(\\\n[^\n]*)*-r deploy/{lock}", text), "install from the lock"
+    assert re.search(rf"pip install --require-hashes --no-deps [^\n]*(\\\n[^\n]*)*-r deploy/{lock}", text), (
+        "install from the lock"
+    )
     assert re.search(r"^torch==2\.13\.0", (DEPLOY_DIR / lock).read_text(), re.M)
     assert "pip install --no-deps --no-build-isolation ." in text, "the project itself resolves nothing"
     assert not re.search(r"\.(safetensors|gguf|bin|pt)\b", text), "model weights must come from a volume"
