@@ -1,5 +1,11 @@
 """Client side, written once: channels (TLS, bearer token, message size) and the one retry policy.
 
+Targets may name many replicas: ``host:port``, a comma-separated list ``a:5001,b:5001``, or a DNS name that
+resolves to every replica (``dns:///rlhf-generation-headless.ml.svc:50051``, a headless Service). Calls are
+spread over them by gRPC's own client-side load balancing (``round_robin``); a retried call goes to the next
+replica, so a replica that dies costs a retry. :func:`replica_addresses` lists them one by one, for what must
+reach every replica (a weight push).
+
 Retry policy: calls that fail with UNAVAILABLE (server restarting, still loading) or RESOURCE_EXHAUSTED
 (queue full) are retried with exponential backoff and jitter until ``retry_timeout`` seconds have passed;
 every attempt has its own deadline. Other codes are the caller's to handle.
@@ -8,8 +14,10 @@ every attempt has its own deadline. Other codes are the caller's to handle.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -96,6 +104,51 @@ class _Details(grpc.ClientCallDetails):
         self.credentials, self.wait_for_ready = credentials, wait_for_ready
 
 
+#: gRPC's client-side load balancing over every address a target resolves to.
+ROUND_ROBIN = json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"target {address!r}: expected host:port")
+    return host.strip("[]"), int(port)
+
+
+def replica_addresses(target: str) -> list[str]:
+    """Every replica ``target`` names, as ``ip:port`` (``[ip]:port`` for IPv6), sorted and deduplicated.
+
+    ``a:1,b:2`` -> each resolved; ``dns:///name:port`` (or ``dns:name:port``) -> every address of the name
+    (a headless Service's pods); ``host:port`` -> its addresses (IPv4 when it has both families). A name that
+    does not resolve raises ``ValueError`` naming it.
+    """
+    text = target.removeprefix("dns:").lstrip("/") if target.startswith("dns:") else target
+    out = set()
+    for part in (p for p in text.split(",") if p.strip()):
+        host, port = _host_port(part)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ValueError(f"target {target!r}: {host!r} does not resolve ({exc.strerror})") from exc
+        v4 = {f"{info[4][0]}:{port}" for info in infos if info[0] == socket.AF_INET}
+        v6 = {f"[{info[4][0]}]:{port}" for info in infos if info[0] == socket.AF_INET6}
+        out |= v4 or v6  # a host with both families is one replica reached twice: take IPv4
+    return sorted(out)
+
+
+def channel_target(target: str) -> str:
+    """The gRPC target for ``target``: a list becomes ``ipv4:``/``ipv6:`` of its resolved addresses (gRPC
+    balances over them); ``dns:///...`` and ``host:port`` pass unchanged (gRPC's resolver finds every address)."""
+    if "," not in target:
+        return target
+    addresses = replica_addresses(target)
+    if all(not a.startswith("[") for a in addresses):
+        return "ipv4:" + ",".join(addresses)
+    return "ipv6:" + ",".join(
+        a if a.startswith("[") else f"[::ffff:{a.rsplit(':', 1)[0]}]:{a.rsplit(':', 1)[1]}" for a in addresses
+    )
+
+
 def _credentials(tls_ca_file: str | None, tls: bool) -> grpc.ChannelCredentials | None:
     if not (tls or tls_ca_file):
         return None
@@ -112,8 +165,10 @@ def make_channel(
     max_message_mb: int = 64,
     aio: bool = False,
 ):
-    """A channel to ``target`` (host:port) with the bearer token attached to every call."""
-    options = client_options(max_message_mb)
+    """A channel to ``target`` (host:port, a list, or dns:///name:port) with the bearer token attached to every
+    call, balancing calls round-robin over every address the target names."""
+    options = [*client_options(max_message_mb), ("grpc.service_config", ROUND_ROBIN)]
+    target = channel_target(target)
     creds = _credentials(tls_ca_file, tls)
     interceptors = _token_interceptors(token, aio)
     if aio:

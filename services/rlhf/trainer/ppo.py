@@ -62,7 +62,7 @@ from rlhf.rl.rollout import Prompt
 from rlhf.trainer.config import PPOConfig
 from rlhf.trainer.data import load_prompts
 from rlhf.trainer.job import TrainJob
-from rlhf.trainer.rollouts import calling, generate_rollout, make_clients, score_rollout
+from rlhf.trainer.rollouts import calling, generate_rollout, make_clients, make_policy_client, score_rollout
 from rlhf.trainer.weight_sync import PolicySync
 
 log = logging.getLogger("rlhf.trainer.ppo")
@@ -222,7 +222,12 @@ def run_ppo(cfg: PPOConfig) -> Path:
         state = job.resume()
         learner.kl_ctl.value = float(state.get("kl_coef", learner.kl_ctl.value))
         policy_client, reward_client = make_clients(cfg)
-        sync = PolicySync(policy_client, cfg.push_dir, job.job_id)
+        sync = PolicySync(
+            policy_client,
+            cfg.push_dir,
+            job.job_id,
+            replica_client=lambda address: make_policy_client(cfg, address),
+        )
         sync.version = int(state.get("policy_version", 0))
         run = PPORun(
             cfg,

@@ -121,17 +121,17 @@ def _retry_policy(cfg: PPOConfig) -> RetryPolicy:
 
 
 def make_clients(cfg: PPOConfig) -> tuple[PolicyClient, RewardClient]:
-    """The generation and reward clients, with the job's deadline and retry window."""
-    policy_client = PolicyClient(
-        cfg.generation_target,
-        token=cfg.generation_token,
-        timeout=cfg.service_timeout,
-        retry=_retry_policy(cfg),
-    )
-    reward_client = RewardClient(
+    """The generation and reward clients (balanced over every replica), with the job's deadline and retries."""
+    return make_policy_client(cfg, cfg.generation_target), RewardClient(
         cfg.reward_target, token=cfg.reward_token, timeout=cfg.service_timeout, retry=_retry_policy(cfg)
     )
-    return policy_client, reward_client
+
+
+def make_policy_client(cfg: PPOConfig, target: str) -> PolicyClient:
+    """A generation client for ``target``: the balanced one, or one replica's (for weight pushes)."""
+    return PolicyClient(
+        target, token=cfg.generation_token, timeout=cfg.service_timeout, retry=_retry_policy(cfg)
+    )
 
 
 @contextlib.contextmanager
