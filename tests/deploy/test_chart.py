@@ -349,6 +349,9 @@ def test_rendered_config_files_load_into_the_services_config_classes(render, tmp
     assert sft["feedback_target"] == "rlhf-feedback.ml.svc:50053"
     ppo = yaml.safe_load(files["trainer-ppo.yaml"])
     assert ppo["model"] == "/checkpoints/sft/final"
+    # every replica: the headless Services' DNS names (gRPC round_robin; weight pushes to each pod)
+    assert ppo["generation_target"] == "dns:///rlhf-generation-headless.ml.svc:50051"
+    assert ppo["reward_target"] == "dns:///rlhf-reward-headless.ml.svc:50052"
     assert ppo["push_dir"] == ""  # the trainer and generation pods share no /dev/shm: stream the weights
 
 
@@ -477,3 +480,15 @@ def test_chart_files_exist():
     for name in ("Chart.yaml", "values.yaml", "values.schema.json", "templates/NOTES.txt"):
         assert (CHART_DIR / name).exists(), name
     assert Path(CHART_DIR / "values.schema.json").read_text().strip().startswith("{")
+
+
+def test_generation_and_reward_have_a_headless_service_selecting_the_same_pods(render):
+    objects = render({})
+    for component, port in (("generation", 50051), ("reward", 50052)):
+        (plain,) = find(objects, "Service", f"rlhf-{component}")
+        (headless,) = find(objects, "Service", f"rlhf-{component}-headless")
+        assert headless["spec"]["clusterIP"] == "None"
+        assert headless["spec"]["selector"] == plain["spec"]["selector"]
+        assert [p["port"] for p in headless["spec"]["ports"]] == [port]
+        # not scraped twice: only the plain Service carries the metrics label
+        assert "rlhf.dev/metrics" not in headless["metadata"]["labels"]

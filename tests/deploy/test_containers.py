@@ -20,6 +20,7 @@ import pytest
 from rlhf.core.models import make_tiny_causal_lm, make_tiny_reward_model
 from rlhf.feedback import records as rec
 from rlhf.feedback.client import FeedbackClient
+from rlhf.generation.client import PolicyClient
 
 from .conftest import REPO
 
@@ -43,7 +44,7 @@ VALUES = {
     "image": {"repository": "rlhf", "tag": "cpu", "flavor": "none", "pullPolicy": "Never"},
     "postgresql": {"image": "local/postgres:15-bookworm", "pullPolicy": "Never"},
     "models": {"volumeType": "persistentVolumeClaim", "init": {"enabled": False}},
-    "generation": {"model": "/models/tiny-lm"},
+    "generation": {"model": "/models/tiny-lm", "replicas": 2},
     "reward": {"model": "/models/tiny-rm"},
     "trainer": {"jobs": {"sft": {"enabled": True, "config": SFT}, "ppo": {"enabled": True, "config": PPO}}},
 }
@@ -108,7 +109,7 @@ def _token(cluster) -> str:
 
 def test_every_service_pod_starts_and_passes_its_probes_within_the_charts_timing(cluster):
     """PostgreSQL first (the feedback store's migrations need it), then feedback, generation and reward."""
-    order = ["rlhf-postgresql-0", "rlhf-feedback", "rlhf-generation", "rlhf-reward"]
+    order = ["rlhf-postgresql-0", "rlhf-feedback", "rlhf-generation-0", "rlhf-generation-1", "rlhf-reward"]
     pods = {p.name: p for p in _pods(cluster) if p.kind in ("Deployment", "StatefulSet")}
     assert sorted(pods) == sorted(order)
     for name in order:
@@ -142,6 +143,12 @@ def test_sft_and_ppo_jobs_train_through_the_services_and_write_checkpoints_to_th
         config = cluster.read_file("rlhf-checkpoints", f"{kind}/final/config.json")
         assert config is not None, f"{kind}: no final checkpoint on the claim\n{cluster.logs(job)}"
         assert json.loads(config)["model_type"] == "llama"
+    # PPO reached both generation replicas through the headless Service and pushed its weights to each
+    versions = []
+    for pod in _pods(cluster, "Deployment", "generation-0") + _pods(cluster, "Deployment", "generation-1"):
+        with PolicyClient(f"{cluster.address(pod)}:50051", token=_token(cluster)) as client:
+            versions.append(int(client.model_info().version))
+    assert len(versions) == 2 and versions[0] == versions[1] > 0, versions
 
 
 def test_every_container_drains_on_sigterm_within_the_grace_period(cluster):

@@ -51,8 +51,8 @@ def test_job_is_the_charts_job_template_with_its_own_name_and_config(render):
     assert strip == chart_job
     config = yaml.safe_load(configmap["data"]["trainer-ppo.yaml"])
     assert config["seed"] == 7
-    assert config["generation_target"] == "prod-rlhf-generation.ml.svc:50051"
-    assert config["reward_target"] == "prod-rlhf-reward.ml.svc:50052"
+    assert config["generation_target"] == "dns:///prod-rlhf-generation-headless.ml.svc:50051"
+    assert config["reward_target"] == "dns:///prod-rlhf-reward-headless.ml.svc:50052"
     assert config["feedback_target"] == "prod-rlhf-feedback.ml.svc:50053"
 
 

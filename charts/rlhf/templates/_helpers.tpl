@@ -98,6 +98,13 @@ app.kubernetes.io/part-of: rlhf
 {{- printf "%s.%s.svc:%d" (include "rlhf.componentName" .) .root.Release.Namespace (int $svc.port) }}
 {{- end }}
 
+{{/* Every replica of a component for a client that balances itself (gRPC round_robin over the headless
+Service's pod addresses; the trainer also pushes weights to each): dns:///NAME-headless.NS.svc:PORT. */}}
+{{- define "rlhf.replicasTarget" -}}
+{{- $svc := index .root.Values .component }}
+{{- printf "dns:///%s-headless.%s.svc:%d" (include "rlhf.componentName" .) .root.Release.Namespace (int $svc.port) }}
+{{- end }}
+
 {{/* Settings every server shares, as config keys (services/rlhf/core/config.py ServerConfig). */}}
 {{- define "rlhf.serverConfig" -}}
 {{- $v := .root.Values }}

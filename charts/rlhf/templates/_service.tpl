@@ -186,6 +186,30 @@ spec:
     {{- end }}
 {{- end }}
 
+{{/* A headless Service: its DNS name resolves to every ready pod, for clients that spread calls over the
+replicas themselves (the PPO trainer: gRPC round_robin, and a weight push to each generation replica). */}}
+{{- define "rlhf.headlessServiceObject" -}}
+{{- $v := index .root.Values .component }}
+{{- $ctx := dict "root" .root "component" .component }}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "rlhf.componentName" . }}-headless
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "rlhf.labels" $ctx | nindent 4 }}
+spec:
+  clusterIP: None
+  selector:
+    {{- include "rlhf.selectorLabels" $ctx | nindent 4 }}
+  ports:
+    - name: grpc
+      port: {{ $v.port }}
+      targetPort: grpc
+      protocol: TCP
+      appProtocol: grpc
+{{- end }}
+
 {{- define "rlhf.pdbObject" -}}
 {{- $v := index .root.Values .component }}
 {{- $ctx := dict "root" .root "component" .component }}

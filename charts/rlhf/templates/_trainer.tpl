@@ -23,8 +23,8 @@ starting model, the Services it talks to), then trainer.jobs.<kind>.config. */}}
 {{- $_ := set $cfg "model" "/checkpoints/sft/final" }}
 {{- end }}
 {{- if eq .kind "ppo" }}
-{{- $_ := set $cfg "generation_target" (include "rlhf.target" (dict "root" .root "component" "generation")) }}
-{{- $_ := set $cfg "reward_target" (include "rlhf.target" (dict "root" .root "component" "reward")) }}
+{{- $_ := set $cfg "generation_target" (include "rlhf.replicasTarget" (dict "root" .root "component" "generation")) }}
+{{- $_ := set $cfg "reward_target" (include "rlhf.replicasTarget" (dict "root" .root "component" "reward")) }}
 {{- /* The trainer and generation pods share no /dev/shm: stream the weights over gRPC by default. */ -}}
 {{- $_ := set $cfg "push_dir" "" }}
 {{- end }}
