@@ -165,3 +165,54 @@ def test_bearer_token_required_except_health(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("empty-file", "holds no token"),
+        ("comments-only-file", "holds no token"),
+        ("missing-file", "cannot read"),
+        ("blank-token", "auth_token: blank"),
+    ],
+)
+def test_auth_fails_closed_when_its_source_holds_no_token(tmp_path, setting, message):
+    """A configured token source with no token refuses to start (exit 2, one line) instead of serving openly."""
+    token_file = tmp_path / "token"
+    if setting == "empty-file":
+        token_file.write_text("")
+    elif setting == "comments-only-file":
+        token_file.write_text("# rotated out\n\n")
+    args = ["--auth-token", "   "] if setting == "blank-token" else ["--auth-token-file", str(token_file)]
+    result = subprocess.run(
+        [sys.executable, str(SERVER), "--port", "0", "--metrics-port", "-1", *args],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "extra, says", [((), "auth OFF, TLS off"), (("--auth-token", "s3cret"), "auth on, TLS off")]
+)
+def test_the_start_log_says_whether_auth_and_tls_are_on(tmp_path, extra, says):
+    port_file, log_file = tmp_path / "ports.json", tmp_path / "server.log"
+    argv = [sys.executable, str(SERVER), "--port", "0", "--metrics-port", "-1", "--log-format", "text"]
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(
+            [*argv, "--port-file", str(port_file), "--gate-file", str(tmp_path / "gate"), *extra],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while says not in log_file.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_file.read_text()
+            time.sleep(0.05)
+        assert "s3cret" not in log_file.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -76,14 +76,30 @@ def _split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+class AuthConfigError(ValueError):
+    """Auth is configured but yields no usable token: the server refuses to start (it never fails open)."""
+
+
 def read_auth_tokens(config: ServerConfig) -> set[str]:
-    """The bearer tokens a server accepts: ``auth_token`` and the lines of ``auth_token_file`` (no comments)."""
+    """The bearer tokens a server accepts: ``auth_token`` and the lines of ``auth_token_file`` (no comments).
+
+    Fails closed: a configured source that holds no token (an empty or unreadable file, a blank token) raises
+    :class:`AuthConfigError` instead of silently turning auth off. No source configured = auth off."""
     tokens = set()
-    if config.auth_token:
+    if config.auth_token is not None:
+        if not config.auth_token.strip():
+            raise AuthConfigError("auth_token: blank; refusing to start with auth silently off")
         tokens.add(config.auth_token.strip())
     if config.auth_token_file:
-        text = Path(config.auth_token_file).read_text()
-        tokens.update(line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#"))
+        path = Path(config.auth_token_file)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise AuthConfigError(f"auth_token_file: cannot read {path}: {exc.strerror}") from exc
+        from_file = {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
+        if not from_file:
+            raise AuthConfigError(f"auth_token_file: {path} holds no token; refusing to start with auth off")
+        tokens |= from_file
     return tokens
 
 
@@ -317,10 +333,20 @@ async def run_server(
     log.info(
         "listening",
         extra=log_fields(
-            services=names, port=handle.port, metrics_port=handle.metrics_port, tls=bool(config.tls_cert_file)
+            services=names,
+            port=handle.port,
+            metrics_port=handle.metrics_port,
+            tls=bool(config.tls_cert_file),
+            auth=bool(config.auth_token or config.auth_token_file),
         ),
     )
-    log.info("gRPC on port %d, metrics on port %d; loading", handle.port, handle.metrics_port)
+    log.info(
+        "gRPC on port %d (auth %s, TLS %s), metrics on port %d; loading",
+        handle.port,
+        "on" if config.auth_token or config.auth_token_file else "OFF",
+        "on" if config.tls_cert_file else "off",
+        handle.metrics_port,
+    )
 
     loop = asyncio.get_running_loop()
     if install_signal_handlers:
@@ -361,7 +387,15 @@ def _write_port_file(path: str, handle: ServerHandle) -> None:
 
 
 def serve_forever(config: ServerConfig, services: Sequence[ServiceDef], **kwargs) -> None:
-    """Blocking entry point for ``rlhf serve ...``: run the server in a fresh event loop."""
+    """Blocking entry point for ``rlhf serve ...``: run the server in a fresh event loop.
+
+    A configuration that must not start (auth configured without a token) ends the process with one line on
+    stderr and exit code 2, before any port is bound."""
+    try:
+        read_auth_tokens(config)
+    except AuthConfigError as exc:
+        print(f"rlhf serve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     asyncio.run(run_server(config, services, **kwargs))
 
 
