@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from rlhf.core.models import load_causal_lm, load_tokenizer
@@ -85,3 +87,21 @@ def test_cli_names_the_problem_with_the_data(tmp_path, tiny_lm_path, capsys):
     args = ["train", "sft", "--model", str(tiny_lm_path), "--data-file", str(tiny), "--no-serve"]
     assert main([*args, "--run-dir", str(tmp_path / "x"), "--metrics-port", "-1"]) == 2
     assert "batch_size: 8 is larger than the training set" in capsys.readouterr().err
+
+
+def test_no_secret_reaches_the_run_folder_or_the_log(tmp_path, tiny_lm_path, sft_jsonl, caplog, capsys):
+    """A job's files (config.json, metrics, checkpoints, the final model) and its log never hold its tokens."""
+    secrets = {"auth_token": "tok-AUTH-3f9a", "feedback_token": "tok-FEEDBACK-77c1"}
+    cfg = sft_config(tiny_lm_path, sft_jsonl, tmp_path / "run", max_steps=2, checkpoint_every=1, **secrets)
+    with caplog.at_level("DEBUG"):
+        final = run_sft(cfg)
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert final.exists() and len(written) > 5
+    logged = caplog.text + "".join(capsys.readouterr())
+    for value in secrets.values():
+        assert value not in logged
+        for path in written:
+            assert value.encode() not in path.read_bytes(), f"{value} written to {path}"
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["auth_token"] == config["feedback_token"] == "<redacted>"
+    assert config["model"] == str(tiny_lm_path)  # the rest is kept: the run stays reproducible

@@ -45,6 +45,24 @@ class BaseConfig(BaseModel):
     #: Section name used for the ``RLHF_<SECTION>_`` environment prefix (e.g. "reward").
     section: ClassVar[str] = ""
 
+    def public_dump(self) -> dict:
+        """The config as JSON-ready values with every secret field (see :func:`secret_field`) redacted: what
+        may be written next to checkpoints, logged or shown; never the tokens or a database URL."""
+        data = self.model_dump(mode="json")
+        for name, info in type(self).model_fields.items():
+            if (info.json_schema_extra or {}).get("secret") and data.get(name) is not None:
+                data[name] = REDACTED
+        return data
+
+
+#: What :meth:`BaseConfig.public_dump` writes in place of a secret.
+REDACTED = "<redacted>"
+
+
+def secret_field(description: str) -> Any:
+    """An optional field holding a secret (a bearer token, a URL with a password): never dumped or logged."""
+    return Field(None, description=description, json_schema_extra={"secret": True})
+
 
 def port_field(default: int, what: str = "gRPC port") -> Any:
     """The ``port`` field of a server config: the one declaration of its bounds, each server its default."""
@@ -87,8 +105,8 @@ class ServerConfig(BaseConfig):
         None, description="PEM certificate chain; with tls_key_file enables TLS."
     )
     tls_key_file: str | None = Field(None, description="PEM private key for tls_cert_file.")
-    auth_token: str | None = Field(
-        None, description="Bearer token required on every RPC except health (prefer auth_token_file)."
+    auth_token: str | None = secret_field(
+        "Bearer token required on every RPC except health (prefer auth_token_file)."
     )
     auth_token_file: str | None = Field(
         None, description="File with accepted bearer tokens, one per line (e.g. a mounted Kubernetes secret)."

@@ -25,6 +25,7 @@ class FeedbackConfig(ServerConfig):
     database_url: str = Field(
         "sqlite:///./feedback.db",
         description="SQLAlchemy URL: sqlite:///path/to/file.db (default, embedded) or postgresql://user:pass@host:5432/db.",
+        json_schema_extra={"secret": True},  # may carry the password: never dumped or logged
     )
     database_url_file: str | None = Field(
         None,

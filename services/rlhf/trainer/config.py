@@ -23,7 +23,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rlhf.core.config import ServerConfig, metrics_port_field, port_field
+from rlhf.core.config import ServerConfig, metrics_port_field, port_field, secret_field
 
 
 class TrainJobConfig(ServerConfig):
@@ -63,10 +63,9 @@ class TrainJobConfig(ServerConfig):
     feedback_target: str | None = Field(
         None, description="host:port of the feedback store (rlhf.v1.FeedbackService)."
     )
-    feedback_token: str | None = Field(None, description="Bearer token for feedback_target.")
-    feedback_database_url: str | None = Field(
-        None,
-        description="Read the feedback store's database directly (sqlite:///FILE or postgresql://...) instead of feedback_target.",
+    feedback_token: str | None = secret_field("Bearer token for feedback_target.")
+    feedback_database_url: str | None = secret_field(
+        "Read the feedback store's database directly (sqlite:///FILE or postgresql://...) instead of feedback_target."
     )
     snapshot: str = Field(
         "", description="Feedback-store snapshot to train on; its train/eval split is used as is."
@@ -196,11 +195,11 @@ class PPOConfig(TrainJobConfig):
     generation_target: str = Field(
         "127.0.0.1:50051", description="host:port of the policy generation service (rlhf.v1.PolicyService)."
     )
-    generation_token: str | None = Field(None, description="Bearer token for generation_target.")
+    generation_token: str | None = secret_field("Bearer token for generation_target.")
     reward_target: str = Field(
         "127.0.0.1:50052", description="host:port of the reward service (rlhf.v1.RewardService)."
     )
-    reward_token: str | None = Field(None, description="Bearer token for reward_target.")
+    reward_token: str | None = secret_field("Bearer token for reward_target.")
     service_timeout: float = Field(
         300.0, gt=0, description="Deadline in seconds of one Generate / Score / UpdateWeights attempt."
     )

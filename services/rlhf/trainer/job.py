@@ -168,7 +168,7 @@ class TrainJob:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.checkpoint_dir.mkdir(exist_ok=True)
             (self.run_dir / "config.json").write_text(
-                json.dumps({"kind": self.kind, "config": self.cfg.model_dump(mode="json")}, indent=2)
+                json.dumps({"kind": self.kind, "config": self.cfg.public_dump()}, indent=2)
             )
         distributed.barrier()
         if self._install_signals and threading.current_thread() is threading.main_thread():
