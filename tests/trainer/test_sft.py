@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
 
+import pytest
 import torch
 
 from rlhf.core.models import load_causal_lm, load_tokenizer
@@ -105,3 +107,25 @@ def test_no_secret_reaches_the_run_folder_or_the_log(tmp_path, tiny_lm_path, sft
     config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
     assert config["auth_token"] == config["feedback_token"] == "<redacted>"
     assert config["model"] == str(tiny_lm_path)  # the rest is kept: the run stays reproducible
+
+
+class _RunsCode:
+    """Unpickling this runs code: what a hostile file on the shared checkpoint volume would carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resume_never_unpickles_code_from_the_checkpoint_volume(tmp_path, tiny_lm_path, sft_jsonl):
+    run = tmp_path / "run"
+    run_sft(sft_config(tiny_lm_path, sft_jsonl, run, max_steps=2, checkpoint_every=1))
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    marker = tmp_path / "code-ran"
+    state = torch.load(latest / "trainer_state.pt", weights_only=True)
+    torch.save({**state, "metrics": _RunsCode(marker)}, latest / "trainer_state.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        run_sft(sft_config(tiny_lm_path, sft_jsonl, run, max_steps=4, checkpoint_every=1, resume=True))
+    assert not marker.exists()

@@ -23,9 +23,17 @@ from rlhf.core.files import atomic_write_text, fsync_tree
 
 
 def rng_state() -> dict:
+    """Every generator's state in types ``torch.load(weights_only=True)`` reads back (no pickled objects)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -35,7 +43,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -129,14 +140,15 @@ def restore_rng(path: Path, rank: int, seed: int, step: int) -> None:
     """This rank's RNG states from the checkpoint, or a deterministic seed per rank when it has none."""
     rng_file = path / f"rng-rank{rank}.pt"
     if rng_file.exists():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     else:  # resumed with more ranks than the checkpoint had: seed deterministically per rank
         seed_everything(seed + 1000 * rank + step)
 
 
 def read_trainer_state(path: Path, kind: str) -> dict:
     """The checkpoint's trainer_state.pt, refused when it belongs to another kind of job."""
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    # weights_only: tensors and plain containers only; a file on the shared volume cannot run code in the job
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     if state.get("kind") != kind:
         raise FailedPrecondition(f"run_dir: {path} is a {state.get('kind')} checkpoint, not {kind}")
     return state
