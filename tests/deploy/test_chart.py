@@ -492,3 +492,15 @@ def test_generation_and_reward_have_a_headless_service_selecting_the_same_pods(r
         assert [p["port"] for p in headless["spec"]["ports"]] == [port]
         # not scraped twice: only the plain Service carries the metrics label
         assert "rlhf.dev/metrics" not in headless["metadata"]["labels"]
+
+
+def test_paths_a_client_may_name_stay_on_the_mounts_unless_the_user_says_otherwise(render):
+    def configs(values):
+        (cm,) = find(render(values), "ConfigMap", "rlhf-config")
+        return yaml.safe_load(cm["data"]["generation.yaml"]), yaml.safe_load(cm["data"]["reward.yaml"])
+
+    generation, reward = configs({})
+    assert generation["weight_roots"] == ["/models", "/checkpoints", "/dev/shm"]
+    assert reward["model_roots"] == ["/models", "/checkpoints"]
+    generation, reward = configs({"generation": {"config": {"weight_roots": ["/weights"]}}})
+    assert generation["weight_roots"] == ["/weights"] and reward["model_roots"] == ["/models", "/checkpoints"]

@@ -209,3 +209,61 @@ def test_a_ppo_checkpoint_folder_loads_without_its_value_head(client, expected, 
     assert client.update_weights(version=6, checkpoint_path=str(folder)) == 6
     _, tokens = outputs(client)
     assert tokens == expected["peaked"]
+
+
+def _tiny_shards(folder, shard_names):
+    """A sharded safetensors folder whose index maps one tensor to each of ``shard_names``."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for i, name in enumerate(shard_names):
+        save_file({f"w{i}": torch.zeros(2)}, str(folder / name))
+        weight_map[f"w{i}"] = name
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path):
+    from rlhf.core.errors import InvalidArgument
+    from rlhf.generation.weights import tensors_from_path
+
+    (tmp_path / "secret.safetensors").parent.mkdir(exist_ok=True)
+    save_file({"stolen": torch.ones(1)}, str(tmp_path / "secret.safetensors"))
+    folder = _tiny_shards(tmp_path / "ckpt", ["model-1.safetensors"])
+    index = folder / "model.safetensors.index.json"
+    index.write_text(index.read_text().replace("model-1.safetensors", "../secret.safetensors"))
+    with pytest.raises(InvalidArgument, match="outside"):
+        tensors_from_path(str(folder))
+
+
+def test_weight_roots_confine_every_file_an_update_reads(tmp_path):
+    from rlhf.core.errors import InvalidArgument
+    from rlhf.generation.weights import tensors_from_path
+
+    root, elsewhere = tmp_path / "push", tmp_path / "elsewhere"
+    inside = _tiny_shards(root / "v2", ["model-1.safetensors", "model-2.safetensors"])
+    assert set(tensors_from_path(str(inside), roots=[str(root)])) == {"w0", "w1"}
+    outside = _tiny_shards(elsewhere / "v2", ["model-1.safetensors"])
+    with pytest.raises(InvalidArgument, match="weight_roots"):
+        tensors_from_path(str(outside), roots=[str(root)])
+    (root / "link").symlink_to(outside)  # a symlink under the root pointing out of it is outside
+    with pytest.raises(InvalidArgument, match="weight_roots"):
+        tensors_from_path(str(root / "link"), roots=[str(root)])
+    with pytest.raises(InvalidArgument, match="weight_roots"):
+        tensors_from_path(str(root / ".." / "elsewhere" / "v2"), roots=[str(root)])
+
+
+def test_a_service_with_weight_roots_refuses_a_push_from_outside_and_keeps_serving(
+    launcher, tiny_lm_path, peaked_lm_path, tmp_path
+):
+    import shutil
+
+    root = tmp_path / "allowed"
+    shutil.copytree(peaked_lm_path, root / "peaked")
+    service = start_generation(launcher, "policy-roots", tiny_lm_path, "--weight-roots", str(root))
+    with PolicyClient(service.target, timeout=120) as client:
+        err = rpc_error(client.update_weights, version=1, checkpoint_path=str(peaked_lm_path))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "weight_roots" in err.details()
+        assert int(client.model_info().version or 0) == 0
+        assert client.update_weights(version=1, checkpoint_path=str(root / "peaked")) == 1

@@ -125,7 +125,7 @@ repeat them). */}}
 {{- range $k, $_ := $v.config }}
 {{- if hasKey $owned $k }}{{ fail (printf "%s.config.%s: set by the chart; use the chart's own value for it" $.component $k) }}{{ end }}
 {{- end }}
-{{- toYaml (merge $owned (deepCopy $v.config)) }}
+{{- toYaml (merge $owned (deepCopy $v.config) (deepCopy (default dict .defaults))) }}
 {{- end }}
 
 {{- define "rlhf.podSecurityContext" -}}

@@ -13,6 +13,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def under_roots(path: str | os.PathLike, roots: list[str]) -> bool:
+    """Whether ``path``, resolved (symlinks and ``..`` followed), lies under one of ``roots`` (empty: anywhere).
+
+    The one check of every path a client may name (LoadModel's folder, UpdateWeights' file and each shard)."""
+    if not roots:
+        return True
+    resolved = Path(path).resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
+
+
 def _temporary_sibling(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 

@@ -49,3 +49,8 @@ class GenerationConfig(ServerConfig):
     max_update_bytes: int = Field(
         8 * 2**30, ge=1, description="Largest streamed weight update (sum of chunk bytes)."
     )
+    weight_roots: list[str] = Field(
+        [],
+        description="When set, UpdateWeights by checkpoint_path reads only files under one of these directories "
+        "(every shard checked, symlinks resolved); the chart sets the push, model and checkpoint mounts.",
+    )

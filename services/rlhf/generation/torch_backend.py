@@ -172,7 +172,11 @@ class TorchBackend:
                 if extra:
                     raise InvalidArgument("chunk", "send no chunks when metadata.checkpoint_path is set")
                 tensors = await loop.run_in_executor(
-                    None, w.tensors_from_path, metadata.checkpoint_path, metadata.sha256
+                    None,
+                    w.tensors_from_path,
+                    metadata.checkpoint_path,
+                    metadata.sha256,
+                    self.config.weight_roots,
                 )
                 num_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
             else:

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load, save
 
 from rlhf.core.errors import InvalidArgument
+from rlhf.core.files import under_roots
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,13 @@ def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = json.loads(index.read_text()).get("weight_map", {})
-        return sorted({path / f for f in weight_map.values()})
+        shards = sorted({path / f for f in weight_map.values()})
+        for shard in shards:  # an index names files of its own folder, never ../ or an absolute path
+            if not shard.resolve().is_relative_to(path.resolve()):
+                raise InvalidArgument(
+                    "metadata.checkpoint_path", f"{index}: shard {shard.name!r} is outside {path}"
+                )
+        return shards
     if (path / "model.safetensors").exists():
         # an HF folder: its weights are model.safetensors, as from_pretrained reads them; other files beside it
         # (e.g. the value head a PPO checkpoint carries) are not the model's
@@ -114,12 +121,26 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def tensors_from_path(path_text: str, expected_sha256: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor of a .safetensors file or an HF folder (single file or sharded with an index)."""
+def tensors_from_path(
+    path_text: str, expected_sha256: str = "", roots: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a .safetensors file or an HF folder (single file or sharded with an index).
+
+    With ``roots``, the path and every file read must lie under one of them (INVALID_ARGUMENT naming the
+    file otherwise, as the reward service's LoadModel answers outside its model_roots)."""
     path = Path(path_text).expanduser()
+    if not under_roots(path, roots or []):
+        raise InvalidArgument(
+            "metadata.checkpoint_path", f"{path} is outside the allowed weight_roots {roots}"
+        )
     if not path.exists():
         raise InvalidArgument("metadata.checkpoint_path", f"{path}: no such file or folder")
     files = _safetensors_files(path)
+    outside = [f for f in files if not under_roots(f, roots or [])]
+    if outside:
+        raise InvalidArgument(
+            "metadata.checkpoint_path", f"{outside[0]} is outside the allowed weight_roots {roots}"
+        )
     if expected_sha256:
         if len(files) != 1:
             raise InvalidArgument(

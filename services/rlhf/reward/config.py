@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import Field
 
 from rlhf.core.config import ServerConfig, metrics_port_field, port_field
+from rlhf.core.files import under_roots
 
 
 class RewardConfig(ServerConfig):
@@ -81,7 +82,4 @@ class RewardConfig(ServerConfig):
     )
 
     def path_allowed(self, path: str | Path) -> bool:
-        if not self.model_roots:
-            return True
-        resolved = Path(path).resolve()
-        return any(resolved.is_relative_to(Path(root).resolve()) for root in self.model_roots)
+        return under_roots(path, self.model_roots)
