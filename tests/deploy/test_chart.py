@@ -186,15 +186,52 @@ def test_services_have_native_grpc_probes_on_the_health_service_and_run_as_non_r
         assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
 
 
-def test_every_deployment_has_a_pdb_and_a_service_exposing_grpc_and_metrics(render):
-    objects = render()
+def test_every_deployment_has_a_pdb_a_grpc_service_and_metrics_on_a_cluster_internal_service(render):
+    objects = render({"reward": {"serviceType": "LoadBalancer"}})
     for dep in find(objects, "Deployment"):
         name = dep["metadata"]["name"]
         (pdb,) = find(objects, "PodDisruptionBudget", name)
         assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
         (svc,) = find(objects, "Service", name)
-        assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "metrics"}
+        assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc"}  # exposing the API exposes no metrics
         assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+        (metrics,) = find(objects, "Service", f"{name}-metrics")
+        assert metrics["spec"]["type"] == "ClusterIP" and [p["name"] for p in metrics["spec"]["ports"]] == [
+            "metrics"
+        ]
+        assert metrics["metadata"]["labels"]["rlhf.dev/metrics"] == "true"
+        assert metrics["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_network_policies_deny_by_default_and_open_only_what_each_caller_needs(render):
+    objects = render({"feedback": {"labeling": {"enabled": True}}})
+    policies = {p["metadata"]["name"]: p["spec"] for p in find(objects, "NetworkPolicy")}
+    deny = policies["rlhf-default-deny"]
+    assert (
+        deny["podSelector"] == {"matchLabels": {"app.kubernetes.io/instance": "rlhf"}}
+        and "ingress" not in deny
+    )
+
+    def rules(name):
+        return {r["ports"][0]["port"]: r.get("from") for r in policies[name]["ingress"]}
+
+    trainer_and_test = [
+        {
+            "podSelector": {
+                "matchLabels": {"app.kubernetes.io/instance": "rlhf", "app.kubernetes.io/component": c}
+            }
+        }
+        for c in ("trainer", "test")
+    ]
+    assert rules("rlhf-generation") == {50051: trainer_and_test, 9091: [{"namespaceSelector": {}}]}
+    assert rules("rlhf-feedback") == {50053: trainer_and_test, 8080: None, 9093: [{"namespaceSelector": {}}]}
+    assert rules("rlhf-reward") == {50052: None, 9092: [{"namespaceSelector": {}}]}  # the public API
+    (pg,) = policies["rlhf-postgresql"]["ingress"]
+    assert pg["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "feedback"
+    narrowed = render({"networkPolicy": {"publicFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}})
+    reward = next(p for p in find(narrowed, "NetworkPolicy", "rlhf-reward"))
+    assert reward["spec"]["ingress"][0]["from"] == [{"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
 
 
 def test_reward_hpa_is_optional_and_replaces_the_replica_count(render):

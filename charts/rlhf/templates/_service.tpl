@@ -161,7 +161,6 @@ metadata:
   namespace: {{ .root.Release.Namespace }}
   labels:
     {{- include "rlhf.labels" $ctx | nindent 4 }}
-    rlhf.dev/metrics: "true"
 spec:
   type: {{ $v.serviceType }}
   selector:
@@ -172,11 +171,6 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
-    - name: metrics
-      port: {{ $v.metricsPort }}
-      targetPort: metrics
-      protocol: TCP
-      appProtocol: http
     {{- if and (eq .component "feedback") $v.labeling.enabled }}
     - name: labeling
       port: {{ $v.labeling.port }}
@@ -184,6 +178,27 @@ spec:
       protocol: TCP
       appProtocol: http
     {{- end }}
+---
+{{/* /metrics on a Service of its own, always ClusterIP: exposing the API (a LoadBalancer for the reward
+service) never exposes the metrics. Prometheus finds it by the rlhf.dev/metrics label. */}}
+apiVersion: v1
+kind: Service
+metadata:
+  name: {{ include "rlhf.componentName" . }}-metrics
+  namespace: {{ .root.Release.Namespace }}
+  labels:
+    {{- include "rlhf.labels" $ctx | nindent 4 }}
+    rlhf.dev/metrics: "true"
+spec:
+  type: ClusterIP
+  selector:
+    {{- include "rlhf.selectorLabels" $ctx | nindent 4 }}
+  ports:
+    - name: metrics
+      port: {{ $v.metricsPort }}
+      targetPort: metrics
+      protocol: TCP
+      appProtocol: http
 {{- end }}
 
 {{/* A headless Service: its DNS name resolves to every ready pod, for clients that spread calls over the
