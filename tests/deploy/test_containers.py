@@ -13,7 +13,9 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -72,7 +74,9 @@ def engine():
         result = subprocess.run([str(ENGINE), step], env=env, capture_output=True, text=True)
         assert result.returncode == 0, f"{step}: {result.stdout}\n{result.stderr}"
         print(result.stdout)
-    yield docker.DockerClient(base_url=env["DOCKER_HOST"])
+    client = docker.DockerClient(base_url=env["DOCKER_HOST"])
+    client.docker_host = env["DOCKER_HOST"]  # for commands the tests run in other processes
+    yield client
     if started_here:
         subprocess.run([str(ENGINE), "stop"], env=env, check=True)
 
@@ -158,3 +162,32 @@ def test_every_container_drains_on_sigterm_within_the_grace_period(cluster):
         for code, seconds in cluster.terminate(pod):
             assert code == 0, f"{pod.name} exited {code} on SIGTERM\n{cluster.logs(pod)}"
             assert seconds < pod.grace_seconds, f"{pod.name} took {seconds:.1f}s (grace {pod.grace_seconds}s)"
+
+
+def test_rlhf_k8s_up_docker_runs_the_charts_pods_until_ctrl_c_and_leaves_nothing_behind(engine):
+    """What a user with Docker runs to try the platform without Kubernetes (the same runner as above)."""
+    sets = [
+        "image.repository=rlhf,image.tag=cpu,image.flavor=none",
+        "postgresql.image=local/postgres:15-bookworm",
+        "models.init.enabled=false,generation.enabled=false",
+    ]
+    env = {**os.environ, "DOCKER_HOST": engine.docker_host}
+    volumes_before = {v.name for v in engine.volumes.list()}
+    argv = [sys.executable, "-m", "rlhf.cli", "k8s", "up", "--docker", "--release", "rlhf-up"]
+    proc = subprocess.Popen(
+        [*argv, *[a for s in sets for a in ("--set", s)]], env=env, stderr=subprocess.PIPE, text=True
+    )
+    lines = []
+    try:
+        for line in proc.stderr:
+            lines.append(line)
+            if "all pods ready" in line:
+                break
+        assert any("rlhf-up-reward: ready" in line for line in lines), "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=180) == 0, "".join(lines) + proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not engine.containers.list(all=True, filters={"label": "rlhf.k8s/cluster=rlhf-up-docker"})
+    assert {v.name for v in engine.volumes.list()} <= volumes_before
