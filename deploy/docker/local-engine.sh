@@ -84,6 +84,12 @@ build() {
   DOCKER_BUILDKIT=0 docker build --network host -q -f "$REPO/deploy/Dockerfile.cpu" "${args[@]}" -t "$IMAGE" "$REPO" >/dev/null
   echo "$IMAGE built in $((SECONDS - start)) s, $(size "$IMAGE")"
   start=$SECONDS
+  # The CUDA image up to the CUDA packages (they come from PyPI, ~3 GB: `docker build -f deploy/Dockerfile.cuda`
+  # on a machine meant for it builds the whole image).
+  DOCKER_BUILDKIT=0 docker build --network host -q -f "$REPO/deploy/Dockerfile.cuda" --target deps \
+    --build-arg "PYTHON_IMAGE=$BASE_IMAGE" -t rlhf:cuda-deps "$REPO" >/dev/null
+  echo "rlhf:cuda-deps (Dockerfile.cuda up to the CUDA packages) built in $((SECONDS - start)) s, $(size rlhf:cuda-deps)"
+  start=$SECONDS
   DOCKER_BUILDKIT=0 docker build --network host -q -f "$REPO/deploy/docker/Dockerfile.postgres" \
     --build-arg "BASE_IMAGE=$BASE_IMAGE" -t "$POSTGRES_IMAGE" "$REPO" >/dev/null
   echo "$POSTGRES_IMAGE built in $((SECONDS - start)) s, $(size "$POSTGRES_IMAGE")"

@@ -191,3 +191,18 @@ def test_rlhf_k8s_up_docker_runs_the_charts_pods_until_ctrl_c_and_leaves_nothing
             proc.kill()
     assert not engine.containers.list(all=True, filters={"label": "rlhf.k8s/cluster=rlhf-up-docker"})
     assert {v.name for v in engine.volumes.list()} <= volumes_before
+
+
+def test_the_cuda_image_builds_up_to_its_cuda_packages(engine):
+    """Dockerfile.cuda's first stage (every locked package but torch, triton and nvidia-*) builds and imports."""
+    out = engine.containers.run(
+        "rlhf:cuda-deps",
+        ["python", "-c", "import grpc, transformers, sqlalchemy, prometheus_client; print('ok')"],
+        remove=True,
+    )
+    assert out.decode().strip() == "ok"
+    probe = engine.containers.run("rlhf:cuda-deps", ["pip", "show", "-q", "torch"], detach=True)
+    try:
+        assert probe.wait(timeout=60)["StatusCode"] != 0  # torch (CUDA) comes in the next stage
+    finally:
+        probe.remove(v=True)
