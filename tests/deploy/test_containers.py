@@ -169,7 +169,7 @@ def test_rlhf_k8s_up_docker_runs_the_charts_pods_until_ctrl_c_and_leaves_nothing
     sets = [
         "image.repository=rlhf,image.tag=cpu,image.flavor=none",
         "postgresql.image=local/postgres:15-bookworm",
-        "models.init.enabled=false,generation.enabled=false",
+        "models.init.enabled=false,generation.enabled=false,generation.model=/models/unused",
     ]
     env = {**os.environ, "DOCKER_HOST": engine.docker_host}
     volumes_before = {v.name for v in engine.volumes.list()}

@@ -83,7 +83,8 @@ def start_trainer(kind: str, workdir: Path, args: list[str]) -> tuple[subprocess
     port_file = workdir / f"{kind}.ports.json"
     argv = [
         sys.executable, "-m", "rlhf.cli", "train", kind, *args, "--run-dir", str(workdir / f"run-{kind}"),
-        "--max-steps", "100000", "--max-length", "64", "--eval-every", "2", "--checkpoint-every", "0",
+        "--max-steps", "100000", "--max-length", "64", "--checkpoint-every", "0",
+        *([] if kind == "ppo" else ["--eval-every", "2"]),  # PPO has no eval loop
         "--no-progress", "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
         "--metrics-port", "0", "--port-file", str(port_file), "--torch-threads", "1",
     ]  # fmt: skip

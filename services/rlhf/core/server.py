@@ -34,6 +34,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from rlhf.core.auth import AuthConfigError, read_auth_tokens
 from rlhf.core.config import ServerConfig
 from rlhf.core.errors import ServiceError
 from rlhf.core.files import atomic_write_text
@@ -74,33 +75,6 @@ class ServiceDef:
 def _split_method(full_method: str) -> tuple[str, str]:
     _, service, method = full_method.split("/")
     return service, method
-
-
-class AuthConfigError(ValueError):
-    """Auth is configured but yields no usable token: the server refuses to start (it never fails open)."""
-
-
-def read_auth_tokens(config: ServerConfig) -> set[str]:
-    """The bearer tokens a server accepts: ``auth_token`` and the lines of ``auth_token_file`` (no comments).
-
-    Fails closed: a configured source that holds no token (an empty or unreadable file, a blank token) raises
-    :class:`AuthConfigError` instead of silently turning auth off. No source configured = auth off."""
-    tokens = set()
-    if config.auth_token is not None:
-        if not config.auth_token.strip():
-            raise AuthConfigError("auth_token: blank; refusing to start with auth silently off")
-        tokens.add(config.auth_token.strip())
-    if config.auth_token_file:
-        path = Path(config.auth_token_file)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise AuthConfigError(f"auth_token_file: cannot read {path}: {exc.strerror}") from exc
-        from_file = {line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")}
-        if not from_file:
-            raise AuthConfigError(f"auth_token_file: {path} holds no token; refusing to start with auth off")
-        tokens |= from_file
-    return tokens
 
 
 class UndecodableRequest:

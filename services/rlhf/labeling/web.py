@@ -13,7 +13,7 @@ import threading
 from flask import Flask
 from werkzeug.serving import make_server
 
-from rlhf.core.server import read_auth_tokens
+from rlhf.core.auth import read_auth_tokens
 from rlhf.feedback.config import FeedbackConfig
 from rlhf.feedback.store import FeedbackStore
 from rlhf.labeling.app import create_app, labeling_state
