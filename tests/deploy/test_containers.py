@@ -29,7 +29,8 @@ from .conftest import REPO
 docker = pytest.importorskip("docker")
 from rlhf.k8s.docker import DockerCluster, pods_from_manifests, rendered_objects  # noqa: E402
 
-pytestmark = [pytest.mark.slow, pytest.mark.docker]
+# A fresh machine builds the base and the images in the first test's fixture (~8 min): more than the default 600 s.
+pytestmark = [pytest.mark.slow, pytest.mark.docker, pytest.mark.timeout(1800)]
 
 ENGINE = REPO / "deploy" / "docker" / "local-engine.sh"
 NAMESPACE = "rlhf-test"
