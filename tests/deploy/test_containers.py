@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -165,7 +166,7 @@ def test_every_container_drains_on_sigterm_within_the_grace_period(cluster):
             assert seconds < pod.grace_seconds, f"{pod.name} took {seconds:.1f}s (grace {pod.grace_seconds}s)"
 
 
-def test_rlhf_k8s_up_docker_runs_the_charts_pods_until_ctrl_c_and_leaves_nothing_behind(engine):
+def test_rlhf_k8s_up_docker_runs_the_charts_pods_until_ctrl_c_and_leaves_nothing_behind(engine, tmp_path):
     """What a user with Docker runs to try the platform without Kubernetes (the same runner as above)."""
     sets = [
         "image.repository=rlhf,image.tag=cpu,image.flavor=none",
@@ -175,21 +176,29 @@ def test_rlhf_k8s_up_docker_runs_the_charts_pods_until_ctrl_c_and_leaves_nothing
     env = {**os.environ, "DOCKER_HOST": engine.docker_host}
     volumes_before = {v.name for v in engine.volumes.list()}
     argv = [sys.executable, "-m", "rlhf.cli", "k8s", "up", "--docker", "--release", "rlhf-up"]
-    proc = subprocess.Popen(
-        [*argv, *[a for s in sets for a in ("--set", s)]], env=env, stderr=subprocess.PIPE, text=True
-    )
-    lines = []
+    log_path = tmp_path / "up.log"
+    with open(log_path, "w") as log:  # a file, not a pipe: the command's output never blocks it
+        proc = subprocess.Popen([*argv, *[a for s in sets for a in ("--set", s)]], env=env, stderr=log)
     try:
-        for line in proc.stderr:
-            lines.append(line)
-            if "all pods ready" in line:
-                break
-        assert any("rlhf-up-reward: ready" in line for line in lines), "".join(lines)
+        deadline = time.monotonic() + 600
+        while "all pods ready" not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.5)
+        assert "rlhf-up-reward: ready" in log_path.read_text()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=180) == 0, "".join(lines) + proc.stderr.read()
+        assert proc.wait(timeout=180) == 0, log_path.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait()
+            for container in engine.containers.list(
+                all=True, filters={"label": "rlhf.k8s/cluster=rlhf-up-docker"}
+            ):
+                container.remove(force=True, v=True)
+            for volume in engine.volumes.list(filters={"name": "rlhf-up-docker-"}):
+                volume.remove(force=True)
+            for network in engine.networks.list(names=["rlhf-up-docker-net"]):
+                network.remove()
     assert not engine.containers.list(all=True, filters={"label": "rlhf.k8s/cluster=rlhf-up-docker"})
     assert {v.name for v in engine.volumes.list()} <= volumes_before
 

@@ -142,7 +142,11 @@ def _up(args: argparse.Namespace) -> int:
     values = jobs.load_values(args.values, args.set)
     objects = rendered_objects(values, release=args.release, namespace=args.namespace, chart_dir=args.chart)
     cluster = DockerCluster(objects, namespace=args.namespace, prefix=f"{args.release}-docker")
-    signal.signal(signal.SIGTERM, _interrupt)
+    for sig in (
+        signal.SIGINT,
+        signal.SIGTERM,
+    ):  # explicitly: a shell's background job starts with SIGINT ignored
+        signal.signal(sig, _interrupt)
     try:
         services = [p for p in pods_from_manifests(objects) if p.kind in ("StatefulSet", "Deployment")]
         for pod in sorted(services, key=lambda p: p.kind != "StatefulSet"):  # the database first

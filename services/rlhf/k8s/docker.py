@@ -128,11 +128,22 @@ class DockerCluster:
         self.prefix = prefix
         self.objects = objects
         self.by_kind: dict[tuple[str, str], dict] = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+        self._remove_leftovers()  # of an earlier run under the same prefix that was killed before its close()
         self.files = Path(tempfile.mkdtemp(prefix=f"{prefix}-files-"))
         self.files.chmod(0o755)
         self.network = self.client.networks.create(f"{prefix}-net", driver="bridge")
         self.containers: dict[str, list] = {}
         self.volumes: dict[str, object] = {}
+
+    def _remove_leftovers(self) -> None:
+        label = f"rlhf.k8s/cluster={self.prefix}"
+        for container in self.client.containers.list(all=True, filters={"label": label}):
+            log.warning("removing container %s left by an earlier run", container.name)
+            container.remove(force=True, v=True)
+        for network in self.client.networks.list(names=[f"{self.prefix}-net"]):
+            network.remove()
+        for volume in self.client.volumes.list(filters={"name": f"{self.prefix}-"}):
+            volume.remove(force=True)
 
     # ---- objects the pods refer to ----------------------------------------------------------------------
 
