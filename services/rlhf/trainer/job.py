@@ -273,16 +273,16 @@ class TrainJob:
         if self.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         log.warning("%s received: checkpoint at the next step boundary, then stop (again to abort)", name)
-        self._signalled = signal.Signals(signum)
-        self.request_stop(name)
+        self._signalled = signal.Signals(signum)  # flags only, no lock (the main thread may hold it)
+        self._stop_reason = self._stop_reason or name
 
     def request_stop(self, reason: str) -> None:
         """Checkpoint at the next step boundary, then stop (thread-safe)."""
         with self._lock:
             if self._stop_reason is None:
                 self._stop_reason = reason
-                if self.state not in TERMINAL_STATES:
-                    self.state = trainer_pb2.JOB_STATE_STOPPING
+            if self.state not in TERMINAL_STATES:
+                self.state = trainer_pb2.JOB_STATE_STOPPING
         self._publish()
 
     def request_checkpoint(self) -> concurrent.futures.Future:
@@ -471,8 +471,8 @@ class TrainJob:
                 values.update(numbers(evaluate()))
         self.log(values)
         stop, wanted = distributed.any_over_ranks(self.stop_requested, bool(self._checkpoint_waiters))
-        if stop and not self.stop_requested:
-            self.request_stop("stop requested on another rank")
+        if stop:  # a signal's flag, the Stop RPC or another rank
+            self.request_stop(self._stop_reason or "stop requested on another rank")
         periodic = bool(self.cfg.checkpoint_every) and self.step % self.cfg.checkpoint_every == 0
         if stop or wanted or periodic:
             checkpoint = self.save_checkpoint(train_state)
