@@ -165,7 +165,8 @@ class PolicySync:
     def _send_to(self, state: dict, targets: list[str]) -> None:
         """One UpdateWeights of ``state`` as ``self.version`` to each target replica, in parallel."""
         source = self._source(state)
-        clients = self.replicas() if self._replica_client is not None else {self.client.target: self.client}
+        # the replicas replica_versions() just resolved: the targets were chosen among them (no second lookup)
+        clients = self._replicas if self._replica_client is not None else {self.client.target: self.client}
         with ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
             served = dict(
                 zip(targets, pool.map(lambda a: self._send(clients[a], source), targets), strict=True)
